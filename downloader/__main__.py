@@ -1,0 +1,3 @@
+from downloader.cli import main
+
+main()

@@ -1,0 +1,180 @@
+"""The ``imgdl`` command: flags become settings overrides; errors become exit codes."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from downloader import __version__
+from downloader import settings as settings_mod
+from downloader.errors import ImgdlError
+from downloader.report import EXIT_USAGE, summary_text
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0    every URL was saved or skipped
+  1    some URLs failed (see OUTDIR/failures.txt)
+  2    usage or configuration error (one line on stderr says what to fix)
+  130  interrupted by SIGINT (Ctrl-C)
+  143  terminated by SIGTERM
+"""
+
+#: flag name → (dotted setting, click type, help)
+_OVERRIDES: list[tuple[str, str, Any, str]] = [
+    (
+        "--output",
+        "output.dir",
+        click.Path(file_okay=False, path_type=Path),
+        "Output folder [default: images].",
+    ),
+    ("--processes", "run.processes", click.IntRange(1), "Worker processes [default: CPUs]."),
+    (
+        "--concurrency",
+        "http.concurrency",
+        click.IntRange(1),
+        "Downloads in flight per process [default: 64].",
+    ),
+    (
+        "--rate",
+        "http.rate",
+        click.FloatRange(min=0, min_open=True),
+        "Requests per second for the whole run [default: unlimited].",
+    ),
+    ("--shard-size", "run.shard_size", click.IntRange(1), "URLs per shard [default: 1000]."),
+    (
+        "--input-format",
+        "input.format",
+        click.Choice(["auto", "txt", "csv", "tsv", "jsonl"]),
+        "Input format [default: auto, from the name or the first line].",
+    ),
+    ("--url-column", "input.url_column", str, "CSV column / JSON key of the URL [default: url]."),
+    (
+        "--name-column",
+        "input.name_column",
+        str,
+        "CSV column / JSON key naming the saved file (without extension).",
+    ),
+    (
+        "--name-template",
+        "output.name_template",
+        str,
+        "Name of saved files, e.g. '{host}/{basename}' [default: {url_hash:.3}/{url_hash}].",
+    ),
+    ("--max-bytes", "validate.max_bytes", click.IntRange(1), "Largest image to keep, in bytes."),
+    (
+        "--timeout",
+        "http.total_timeout",
+        click.FloatRange(min=0, min_open=True),
+        "Total seconds per request [default: 120].",
+    ),
+    (
+        "--log-level",
+        "log.level",
+        click.Choice(["debug", "info", "warning", "error"]),
+        "Log level [default: info].",
+    ),
+    (
+        "--log-format",
+        "log.format",
+        click.Choice(["auto", "json", "console"]),
+        "Log format [default: auto: console on a terminal, JSON otherwise].",
+    ),
+]
+
+
+def _setting_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add every override flag and ``--config`` to a command."""
+    for flag, key, type_, help_ in reversed(_OVERRIDES):
+        names = [flag, "-o"] if flag == "--output" else [flag]
+        func = click.option(*names, key.replace(".", "__"), type=type_, default=None, help=help_)(
+            func
+        )
+    func = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="YAML config file [default: $IMGDL_CONFIG].",
+    )(func)
+    return func
+
+
+def _effective(config_file: Path | None, params: dict[str, Any]) -> settings_mod.Effective:
+    flags = {flag: key for flag, key, _, _ in _OVERRIDES}
+    by_key = {key: flag for flag, key in flags.items()}
+    overrides: dict[str, tuple[Any, str]] = {}
+    for param, value in params.items():
+        key = param.replace("__", ".")
+        if value is not None and key in by_key:
+            overrides[key] = (value, f"flag {by_key[key]}")
+    return settings_mod.load(config_file=config_file, overrides=overrides)
+
+
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn an ImgdlError into one line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ImgdlError as exc:
+            click.echo(f"imgdl: error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper
+
+
+@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="imgdl")
+def cli() -> None:
+    """imgdl: download lists of image URLs, fast, politely, without losing any."""
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("inputs", nargs=-1, required=True)
+@_setting_options
+@_user_errors
+def fetch(inputs: tuple[str, ...], config_file: Path | None, **params: Any) -> None:
+    """Download every URL of INPUTS (txt, csv, tsv, jsonl, optionally .gz; '-' is stdin).
+
+    Writes the images to OUTDIR, and OUTDIR/manifest.jsonl (one record per
+    input line), OUTDIR/failures.txt (failed URLs, re-feedable as input) and
+    OUTDIR/summary.json.
+    """
+    from downloader.runner import Runner
+    from downloader.sources import open_inputs
+    from downloader.telemetry import TelemetryScope, configure_logging
+
+    effective = _effective(config_file, params)
+    settings = effective.settings
+    configure_logging(settings.log.level, settings.log.format)
+    opened = open_inputs(inputs, settings.input)
+    with TelemetryScope("parent"):
+        exit_code, summary = Runner(settings, opened).run()
+    click.echo(summary_text(summary, settings.output.dir), err=True)
+    sys.exit(exit_code)
+
+
+@cli.group()
+def config() -> None:
+    """Inspect the settings."""
+
+
+@config.command("show")
+@_setting_options
+@_user_errors
+def config_show(config_file: Path | None, **params: Any) -> None:
+    """Print the effective settings and where each value came from."""
+    effective = _effective(config_file, params)
+    width = max(len(k) for k in settings_mod.KEYS)
+    for key, value, source in effective.items():
+        click.echo(f"{key:<{width}}  {value!s:<40}  # {source}")
+
+
+def main() -> None:
+    cli()

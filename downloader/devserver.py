@@ -1,0 +1,182 @@
+"""A loopback image server for the demo, the tests and the benchmarks.
+
+It serves real image files and misbehaves on purpose on some paths, so a run
+against it shows every kind of outcome without touching the internet::
+
+    python -m downloader.devserver --images examples/images --port 8000
+
+Routes (``N`` is any integer; it picks an image, so every URL is distinct):
+
+    /i/N.jpg              an image (N modulo the number of files)
+    /status/CODE/N        that HTTP status
+    /slow/MS/N            an image after MS milliseconds
+    /truncated/N          claims more bytes than it sends, then closes
+    /html/N               an HTML page served as image/jpeg
+    /block/N              waits until ``release()`` (tests), then an image
+    /_stats               JSON: requests seen so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import mimetypes
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+DEFAULT_IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
+
+
+class DevServer:
+    """The server, runnable in a background thread (tests) or in the foreground (demo)."""
+
+    def __init__(self, images: Path = DEFAULT_IMAGES, host: str = "127.0.0.1", port: int = 0):
+        files = sorted(p for p in images.iterdir() if p.is_file())
+        if not files:
+            raise SystemExit(f"no images in {images}")
+        self.images = [
+            (p.read_bytes(), mimetypes.guess_type(p.name)[0] or "image/jpeg") for p in files
+        ]
+        self.host = host
+        self.port = port
+        self.requests: list[tuple[float, str, str]] = []  # (monotonic time, host header, path)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._release: asyncio.Event | None = None
+        self.blocked = 0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def image(self, n: int) -> tuple[bytes, str]:
+        return self.images[n % len(self.images)]
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._count])
+        app.router.add_get("/i/{n:\\d+}.{ext}", self._image)
+        app.router.add_get("/status/{code:\\d+}/{n}", self._status)
+        app.router.add_get("/slow/{ms:\\d+}/{n:\\d+}", self._slow)
+        app.router.add_get("/truncated/{n:\\d+}", self._truncated)
+        app.router.add_get("/html/{n}", self._html)
+        app.router.add_get("/block/{n:\\d+}", self._block)
+        app.router.add_get("/_stats", self._stats)
+        return app
+
+    @web.middleware
+    async def _count(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path != "/_stats":
+            self.requests.append((time.monotonic(), request.host, request.path_qs))
+        return await handler(request)
+
+    async def _image(self, request: web.Request) -> web.Response:
+        body, mime = self.image(int(request.match_info["n"]))
+        return web.Response(body=body, content_type=mime)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        code = int(request.match_info["code"])
+        return web.Response(status=code, text=f"status {code}\n")
+
+    async def _slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(int(request.match_info["ms"]) / 1000)
+        return await self._image(request)
+
+    async def _truncated(self, request: web.Request) -> web.StreamResponse:
+        body, mime = self.image(int(request.match_info["n"]))
+        response = web.StreamResponse(
+            headers={"Content-Type": mime, "Content-Length": str(len(body) * 2)}
+        )
+        await response.prepare(request)
+        await response.write(body)
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    async def _html(self, request: web.Request) -> web.Response:
+        page = b"<!doctype html><html><body><h1>Not found</h1></body></html>\n"
+        return web.Response(body=page, headers={"Content-Type": "image/jpeg"})
+
+    async def _block(self, request: web.Request) -> web.Response:
+        assert self._release is not None
+        self.blocked += 1
+        try:
+            await self._release.wait()
+        finally:
+            self.blocked -= 1
+        return await self._image(request)
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"requests": len(self.requests)})
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start_async(self) -> None:
+        self._release = asyncio.Event()
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    def start(self) -> DevServer:
+        """Start in a background thread; returns once the server accepts connections."""
+        ready = threading.Event()
+
+        def serve() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self.start_async())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="devserver", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("dev server did not start")
+        return self
+
+    def release(self) -> None:
+        """Let every request waiting on /block/N (now and later) go on."""
+        assert self._loop is not None and self._release is not None
+        self._loop.call_soon_threadsafe(self._release.set)
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        loop = self._loop
+        if self._release is not None:
+            loop.call_soon_threadsafe(self._release.set)
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        self._loop = None
+
+    def __enter__(self) -> DevServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    server = DevServer(args.images, args.host, args.port)
+    web.run_app(server.app(), host=args.host, port=args.port, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

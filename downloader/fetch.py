@@ -1,0 +1,175 @@
+"""One download: request, stream to a part file with a size cap, classify the result.
+
+Every failure of a single URL becomes an :class:`Outcome` with a reason from the
+closed set; nothing raised here escapes to stop the other URLs of a shard
+(cancellation excepted, which the worker uses to enforce the grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from contextlib import AbstractAsyncContextManager, nullcontext
+from typing import Any
+
+import aiohttp
+
+from downloader.errors import UnsafeNameError
+from downloader.outcomes import Job, Outcome, Reason
+from downloader.settings import Settings
+from downloader.storage import PartFile, Store
+from downloader.validate import SNIFF_BYTES, sniff
+
+CHUNK_BYTES = 64 * 1024
+
+
+class _Failed(Exception):
+    """Internal: ends one download with a reason."""
+
+    def __init__(self, reason: Reason, error: str, http_status: int | None = None) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+        self.http_status = http_status
+
+
+def classify(exc: BaseException) -> tuple[Reason, str]:
+    """Map an exception raised while fetching to a reason and a one-line message."""
+    # Order matters: the TLS errors subclass the connector errors.
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
+        return Reason.TLS_ERROR, message
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return Reason.TIMEOUT, message if str(exc) else "timed out"
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return Reason.TOO_MANY_REDIRECTS, message
+    if isinstance(exc, aiohttp.InvalidURL):
+        return Reason.INVALID_URL, message
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return Reason.TRUNCATED, message
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return Reason.PROTOCOL_ERROR, message
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientConnectionError):
+        return Reason.CONNECTION_ERROR, message
+    if isinstance(exc, aiohttp.ClientError):
+        return Reason.PROTOCOL_ERROR, message
+    if isinstance(exc, OSError):
+        return Reason.WRITE_ERROR, message
+    return Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {message}"
+
+
+class Fetcher:
+    """Downloads jobs with one shared session into one store."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        store: Store,
+        settings: Settings,
+        limiter: AbstractAsyncContextManager[Any] | None = None,
+    ) -> None:
+        self.session = session
+        self.store = store
+        self.max_bytes = settings.validate_.max_bytes
+        self.limiter: AbstractAsyncContextManager[Any] = limiter or nullcontext()
+
+    async def fetch(self, job: Job) -> Outcome:
+        started = time.monotonic()
+
+        def elapsed() -> int:
+            return int((time.monotonic() - started) * 1000)
+
+        try:
+            stem = self.store.stem_for(job)
+        except UnsafeNameError as exc:
+            return Outcome.not_saved(job, Reason.INVALID_NAME, error=str(exc))
+        existing = self.store.existing(stem)
+        if existing is not None:
+            return Outcome.not_saved(job, Reason.SKIPPED_EXISTS, path=existing)
+        try:
+            return await self._download(job, stem, elapsed)
+        except _Failed as exc:
+            return Outcome.not_saved(
+                job,
+                exc.reason,
+                http_status=exc.http_status,
+                error=exc.error,
+                attempts=1,
+                elapsed_ms=elapsed(),
+            )
+        except UnsafeNameError as exc:
+            return Outcome.not_saved(job, Reason.INVALID_NAME, error=str(exc), attempts=1)
+        except Exception as exc:  # every other failure is classified, never raised
+            reason, error = classify(exc)
+            return Outcome.not_saved(job, reason, error=error, attempts=1, elapsed_ms=elapsed())
+
+    async def _download(self, job: Job, stem: str, elapsed: Any) -> Outcome:
+        async with self.limiter, self.session.get(job.url, allow_redirects=True) as resp:
+            status = resp.status
+            if status != 200:
+                raise _Failed(
+                    Reason.HTTP_ERROR, f"HTTP {status} {resp.reason or ''}".strip(), status
+                )
+            declared = resp.content_length
+            if declared is not None and declared > self.max_bytes:
+                raise _Failed(
+                    Reason.TOO_LARGE,
+                    f"Content-Length {declared} exceeds max_bytes {self.max_bytes}",
+                    status,
+                )
+            part: PartFile | None = None
+            try:
+                digest = hashlib.sha256()
+                size = 0
+                head = b""
+                image = None
+                async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise _Failed(
+                            Reason.TOO_LARGE, f"body exceeds max_bytes {self.max_bytes}", status
+                        )
+                    digest.update(chunk)
+                    if part is None:
+                        head += chunk
+                        if len(head) < SNIFF_BYTES:
+                            continue
+                        image = self._sniffed(head, resp, status)
+                        part = await self.store.open_part(stem)
+                        chunk, head = head, b""
+                    await part.write(chunk)
+                if part is None:  # the whole body was shorter than SNIFF_BYTES
+                    image = self._sniffed(head, resp, status)
+                    part = await self.store.open_part(stem)
+                    await part.write(head)
+                if declared is not None and size < declared:
+                    raise _Failed(Reason.TRUNCATED, f"got {size} of {declared} bytes", status)
+                assert image is not None
+                relpath = await part.commit(image.ext)
+            except BaseException:
+                if part is not None:
+                    await asyncio.shield(part.abort())
+                raise
+            return Outcome.saved(
+                job,
+                http_status=status,
+                path=relpath,
+                bytes=size,
+                sha256=digest.hexdigest(),
+                content_type=image.mime,
+                attempts=1,
+                elapsed_ms=elapsed(),
+            )
+
+    @staticmethod
+    def _sniffed(head: bytes, resp: aiohttp.ClientResponse, status: int) -> Any:
+        image = sniff(head)
+        if image is None:
+            claimed = resp.headers.get("Content-Type", "no Content-Type")
+            raise _Failed(
+                Reason.NOT_AN_IMAGE,
+                f"body is not a known image format (server said {claimed})",
+                status,
+            )
+        return image

@@ -1,0 +1,114 @@
+"""The outcome of one input line: the record every component reports into.
+
+The sets of statuses and reasons are closed: scripts that read the manifest can
+rely on seeing nothing else. Invariant 1 of the design rests on this module:
+every input line produces exactly one :class:`Outcome`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    SAVED = "saved"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class Reason(enum.StrEnum):
+    """Why a line was not simply saved. The value is what the manifest holds."""
+
+    # skipped
+    SKIPPED_EXISTS = "skipped_exists"
+    DUPLICATE = "duplicate"
+    # failed: the input itself
+    INVALID_URL = "invalid_url"
+    INVALID_NAME = "invalid_name"
+    # failed: the server or the network
+    HTTP_ERROR = "http_error"
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    TLS_ERROR = "tls_error"
+    PROTOCOL_ERROR = "protocol_error"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    BLOCKED_ADDRESS = "blocked_address"
+    # failed: the body
+    TOO_LARGE = "too_large"
+    TRUNCATED = "truncated"
+    NOT_AN_IMAGE = "not_an_image"
+    # failed: on our side
+    WRITE_ERROR = "write_error"
+    WORKER_CRASHED = "worker_crashed"
+    INTERNAL_ERROR = "internal_error"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def status(self) -> Status:
+        return Status.SKIPPED if self in _SKIP_REASONS else Status.FAILED
+
+
+_SKIP_REASONS = frozenset({Reason.SKIPPED_EXISTS, Reason.DUPLICATE})
+
+#: Reasons whose URL is worth feeding back in: everything but a broken input line.
+REFETCHABLE = frozenset(r for r in Reason if r.status is Status.FAILED) - {
+    Reason.INVALID_URL,
+    Reason.INVALID_NAME,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Job:
+    """One valid input line on its way to a worker."""
+
+    url: str
+    input: str
+    line: int
+    name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """One manifest record. Field names are the manifest's public column names."""
+
+    input: str
+    line: int
+    url: str
+    status: Status
+    reason: Reason | None = None
+    http_status: int | None = None
+    path: str | None = None
+    bytes: int = 0
+    sha256: str | None = None
+    content_type: str | None = None
+    attempts: int = 0
+    elapsed_ms: int = 0
+    error: str | None = None
+
+    @classmethod
+    def saved(cls, job: Job, **fields: Any) -> Outcome:
+        return cls(input=job.input, line=job.line, url=job.url, status=Status.SAVED, **fields)
+
+    @classmethod
+    def not_saved(cls, job: Job, reason: Reason, **fields: Any) -> Outcome:
+        return cls(
+            input=job.input,
+            line=job.line,
+            url=job.url,
+            status=reason.status,
+            reason=reason,
+            **fields,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str) -> Outcome:
+        raw = json.loads(line)
+        raw["status"] = Status(raw["status"])
+        raw["reason"] = Reason(raw["reason"]) if raw.get("reason") else None
+        return cls(**raw)

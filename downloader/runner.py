@@ -1,0 +1,217 @@
+"""The parent process: shards in, process pool, outcomes out.
+
+It reads the inputs lazily, keeps at most ``shards_in_flight`` shards
+submitted to a ``ProcessPoolExecutor`` (so memory is bounded by configuration,
+not by the list), and merges each finished shard's journal into the report.
+
+A worker that dies (SIGKILL, out of memory) breaks the whole pool: every
+pending future fails with ``BrokenProcessPool``. We then build a new pool and
+resubmit each in-flight shard's *unfinished* URLs (known from its journal);
+a shard that has used up ``run.shard_attempts`` records them as
+``worker_crashed`` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import shutil
+import signal
+import types
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import structlog
+
+from downloader import sharding
+from downloader.outcomes import Reason
+from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport, read_journal
+from downloader.settings import Settings
+from downloader.sharding import Shard
+from downloader.sources import InputList, read_all
+from downloader.telemetry import get_logger
+from downloader.worker import ShardResult, WorkerContext, init_worker, run_shard
+
+STATE_DIR = ".imgdl"
+log = get_logger()
+#: How often the parent wakes up to notice a signal while waiting on workers.
+POLL_SECONDS = 0.2
+
+
+class _Counted:
+    """Counts the lines read, to tell a complete input from an interrupted one."""
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self._items = items
+        self.count = 0
+        self.exhausted = False
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self._items:
+            self.count += 1
+            yield item
+        self.exhausted = True
+
+
+class Runner:
+    def __init__(self, settings: Settings, inputs: list[InputList]) -> None:
+        self.settings = settings
+        self.inputs = inputs
+        self.outdir = settings.output.dir.resolve()
+        self.journal_dir = self.outdir / STATE_DIR / "journal"
+        self._mp = multiprocessing.get_context("spawn")
+        self._stop = self._mp.Event()
+        self._signal_exit: int | None = None
+
+    # -- signals -------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: types.FrameType | None) -> None:
+        if self._signal_exit is None:
+            self._signal_exit = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+            log.warning(
+                "signal received: finishing downloads in flight",
+                signal=signal.Signals(signum).name,
+                grace_s=self.settings.run.grace_period,
+            )
+        self._stop.set()
+
+    # -- the run -------------------------------------------------------------
+
+    def run(self) -> tuple[int, dict[str, Any]]:
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.journal_dir, ignore_errors=True)
+        self.journal_dir.mkdir(parents=True)
+        report = RunReport(self.outdir)
+        structlog.contextvars.bind_contextvars(role="parent")
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        lines = _Counted(read_all(self.inputs))
+        try:
+            shards = sharding.cut(
+                lines, self.settings.run.shard_size, self.journal_dir, report.record
+            )
+            self._drive(shards, report)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for item in self.inputs:
+                item.close()
+        exit_code = report.exit_code(self._signal_exit)
+        summary = report.finish(exit_code, lines.count, lines.exhausted)
+        shutil.rmtree(self.outdir / STATE_DIR, ignore_errors=True)
+        if report.total != lines.count:  # invariant 1; a bug if it ever fires
+            log.error(
+                "outcome count differs from lines read", outcomes=report.total, lines=lines.count
+            )
+        return exit_code, summary
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        context = WorkerContext(settings=self.settings, outdir=self.outdir, stop=self._stop)
+        return ProcessPoolExecutor(
+            max_workers=self.settings.processes,
+            mp_context=self._mp,
+            initializer=init_worker,
+            initargs=(context,),
+        )
+
+    def _drive(self, shards: Iterator[Shard], report: RunReport) -> None:
+        original: dict[int, Shard] = {}
+        inflight: dict[Future[ShardResult], Shard] = {}
+        pool = self._new_pool()
+        try:
+            while True:
+                while self._signal_exit is None and len(inflight) < self.settings.shards_in_flight:
+                    shard = next(shards, None)
+                    if shard is None:
+                        break
+                    original[shard.shard_id] = shard
+                    inflight[pool.submit(run_shard, shard)] = shard
+                if not inflight:
+                    return
+                done, _ = wait(inflight, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                broken = False
+                for future in done:
+                    shard = inflight.pop(future)
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        inflight[future] = shard  # handled with the others below
+                        continue
+                    except Exception as exc:  # a bug in the worker: account, go on
+                        log.error("shard failed", shard=shard.shard_id, error=repr(exc))
+                        self._close_shard(
+                            original.pop(shard.shard_id),
+                            report,
+                            Reason.INTERNAL_ERROR,
+                            f"worker error: {exc!r}",
+                        )
+                        continue
+                    log.debug(
+                        "shard done",
+                        shard=result.shard_id,
+                        counts=result.counts,
+                        elapsed_s=round(result.elapsed_s, 2),
+                    )
+                    self._close_shard(
+                        original.pop(shard.shard_id),
+                        report,
+                        Reason.INTERNAL_ERROR,
+                        "no outcome recorded by the worker",
+                    )
+                if broken:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    pool = self._new_pool()
+                    inflight = self._resubmit(pool, inflight, original, report)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _resubmit(
+        self,
+        pool: ProcessPoolExecutor,
+        inflight: dict[Future[ShardResult], Shard],
+        original: dict[int, Shard],
+        report: RunReport,
+    ) -> dict[Future[ShardResult], Shard]:
+        """After a worker died: retry every shard that was in flight, or give up on it."""
+        again: dict[Future[ShardResult], Shard] = {}
+        for shard in inflight.values():
+            journaled = read_journal(shard.journal)
+            remaining = tuple(j for j in shard.jobs if (j.input, j.line) not in journaled)
+            if (
+                remaining
+                and shard.attempt < self.settings.run.shard_attempts
+                and self._signal_exit is None
+            ):
+                log.warning(
+                    "worker died; retrying shard",
+                    shard=shard.shard_id,
+                    attempt=shard.attempt + 1,
+                    remaining=len(remaining),
+                )
+                retry = shard.retry(remaining)
+                again[pool.submit(run_shard, retry)] = retry
+                continue
+            reason = Reason.INTERRUPTED if self._signal_exit else Reason.WORKER_CRASHED
+            log.error(
+                "worker died; giving up on shard",
+                shard=shard.shard_id,
+                attempts=shard.attempt,
+                unfinished=len(remaining),
+            )
+            self._close_shard(
+                original.pop(shard.shard_id),
+                report,
+                reason,
+                f"worker process died ({shard.attempt} attempts)",
+            )
+        return again
+
+    def _close_shard(self, shard: Shard, report: RunReport, missing: Reason, error: str) -> None:
+        report.merge(shard.jobs, read_journal(shard.journal), missing, error)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(shard.journal)

@@ -1,0 +1,253 @@
+"""Typed settings with explicit precedence: flags > ``IMGDL_*`` env > YAML > defaults.
+
+We merge the layers ourselves (instead of pydantic-settings' sources) so that
+every effective value remembers where it came from: ``imgdl config show``
+prints that, and every error names the key and the layer that set it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from downloader import __version__
+from downloader.errors import ConfigError
+
+ENV_PREFIX = "IMGDL_"
+CONFIG_ENV = "IMGDL_CONFIG"
+DEFAULT_USER_AGENT = f"imgdl/{__version__} (+https://github.com/imgdl/imgdl)"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class InputSettings(_Section):
+    format: Literal["auto", "txt", "csv", "tsv", "jsonl"] = "auto"
+    url_column: str = Field("url", min_length=1)
+    name_column: str | None = None
+
+
+class OutputSettings(_Section):
+    dir: Path = Path("images")
+    name_template: str = "{url_hash:.3}/{url_hash}"
+
+
+class RunSettings(_Section):
+    processes: int | None = Field(None, ge=1, le=512)
+    shard_size: int = Field(1000, ge=1, le=1_000_000)
+    shards_in_flight: int | None = Field(None, ge=1, le=10_000)
+    shard_attempts: int = Field(2, ge=1, le=10)
+    grace_period: float = Field(20.0, ge=0)
+
+
+class HttpSettings(_Section):
+    concurrency: int = Field(64, ge=1, le=10_000)
+    per_host_connections: int = Field(0, ge=0, le=10_000)
+    rate: float | None = Field(None, gt=0)
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(30.0, gt=0)
+    total_timeout: float = Field(120.0, gt=0)
+    dns_cache_ttl: int = Field(300, ge=0)
+    user_agent: str = Field(DEFAULT_USER_AGENT, min_length=1)
+
+
+class ValidateSettings(_Section):
+    max_bytes: int = Field(50 * 1024 * 1024, ge=1)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(_Section):
+    input: InputSettings = InputSettings()
+    output: OutputSettings = OutputSettings()
+    run: RunSettings = RunSettings()
+    http: HttpSettings = HttpSettings()
+    validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
+    log: LogSettings = LogSettings()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def processes(self) -> int:
+        if self.run.processes is not None:
+            return self.run.processes
+        return max(1, len(os.sched_getaffinity(0)))
+
+    @property
+    def shards_in_flight(self) -> int:
+        return self.run.shards_in_flight or 2 * self.processes
+
+
+def _sections() -> dict[str, type[_Section]]:
+    out: dict[str, type[_Section]] = {}
+    for name, field in Settings.model_fields.items():
+        assert isinstance(field.annotation, type) and issubclass(field.annotation, _Section)
+        out[field.alias or name] = field.annotation
+    return out
+
+
+SECTIONS = _sections()
+#: Every settable key, dotted: ``http.concurrency``.
+KEYS: tuple[str, ...] = tuple(
+    f"{s}.{k}" for s, model in SECTIONS.items() for k in model.model_fields
+)
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+_ENV_TO_KEY = {env_name(k): k for k in KEYS} | {
+    ENV_PREFIX + k.replace(".", "__").upper(): k for k in KEYS
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Effective:
+    """The settings of a run and where each value came from."""
+
+    settings: Settings
+    sources: Mapping[str, str]
+
+    def items(self) -> list[tuple[str, Any, str]]:
+        dumped = self.settings.model_dump(by_alias=True, mode="json")
+        return [
+            (key, dumped[key.split(".")[0]][key.split(".")[1]], self.sources.get(key, "default"))
+            for key in KEYS
+        ]
+
+
+def _suggest(name: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    flat: dict[str, Any] = {}
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"config file {path}: unknown section '{section}'{_suggest(str(section), SECTIONS)}"
+            )
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"config file {path}: section '{section}' must be a mapping")
+        for key, value in body.items():
+            dotted = f"{section}.{key}"
+            if dotted not in KEYS:
+                raise ConfigError(
+                    f"config file {path}: unknown key '{dotted}'{_suggest(dotted, KEYS)}"
+                )
+            flat[dotted] = value
+    return flat
+
+
+def _is_plain_str(key: str) -> bool:
+    section, name = key.split(".")
+    annotation = SECTIONS[section].model_fields[name].annotation
+    if annotation is str:
+        return True
+    if isinstance(annotation, types.UnionType):
+        return set(typing.get_args(annotation)) == {str, type(None)}
+    return False
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    out: dict[str, tuple[Any, str]] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        key = _ENV_TO_KEY.get(name)
+        if key is None:
+            raise ConfigError(f"unknown environment variable {name}{_suggest(name, _ENV_TO_KEY)}")
+        if _is_plain_str(key):
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                value = raw
+        out[key] = (value, f"env {name}")
+    return out
+
+
+def load(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, tuple[Any, str]] | None = None,
+) -> Effective:
+    """Build the effective settings.
+
+    ``overrides`` maps dotted keys to ``(value, source)``, e.g.
+    ``{"http.concurrency": (64, "flag --concurrency")}``.
+    """
+    env = os.environ if env is None else env
+    layers: dict[str, tuple[Any, str]] = {}
+    if config_file is None and env.get(CONFIG_ENV):
+        config_file = Path(env[CONFIG_ENV])
+    if config_file is not None:
+        for key, value in _read_yaml(config_file).items():
+            layers[key] = (value, f"config {config_file}")
+    layers.update(_read_env(env))
+    for key, item in (overrides or {}).items():
+        if key not in KEYS:
+            raise ConfigError(f"unknown setting '{key}'{_suggest(key, KEYS)}")
+        layers[key] = item
+
+    nested: dict[str, dict[str, Any]] = {}
+    for key, (value, _) in layers.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    try:
+        settings = Settings.model_validate(nested)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc[:2])
+        source = layers.get(key, (None, "default"))[1]
+        raise ConfigError(f"{key} (from {source}): {err['msg']}") from None
+    _check_consistency(settings, layers)
+    return Effective(settings=settings, sources={k: src for k, (_, src) in layers.items()})
+
+
+def _check_consistency(settings: Settings, layers: Mapping[str, tuple[Any, str]]) -> None:
+    # Imported here: storage depends on settings' types only through plain values.
+    from downloader.storage import check_template
+
+    try:
+        check_template(settings.output.name_template)
+    except ConfigError as exc:
+        source = layers.get("output.name_template", (None, "default"))[1]
+        raise ConfigError(f"output.name_template (from {source}): {exc}") from None

@@ -1,0 +1,251 @@
+"""Read URL lists of every format, one line at a time, in constant memory.
+
+Formats: plain text (one URL a line, ``#`` comments), CSV/TSV with a header,
+JSON Lines; each optionally gzip-compressed (detected from the bytes, not the
+name); ``-`` is standard input. A bad *line* becomes an ``invalid_url``
+outcome with its file and line number; only an input that cannot be opened or
+has no usable header is an :class:`InputError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import io
+import itertools
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit
+
+from downloader.errors import InputError
+from downloader.outcomes import Job, Outcome, Reason
+from downloader.settings import InputSettings
+
+STDIN = "-"
+_SUFFIX_FORMATS = {
+    ".txt": "txt",
+    ".lst": "txt",
+    ".list": "txt",
+    ".urls": "txt",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class InvalidUrl(ValueError):
+    """A URL imgdl will not try to fetch; the message says why."""
+
+
+def check_url(raw: str) -> str:
+    """Return the URL stripped of surrounding blanks, or raise InvalidUrl saying why."""
+    url = raw.strip()
+    if not url:
+        raise InvalidUrl("empty URL")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise InvalidUrl("URL contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a bad port
+    except ValueError as exc:
+        raise InvalidUrl(f"cannot parse URL: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        shown = f"'{parts.scheme}'" if parts.scheme else "none"
+        raise InvalidUrl(f"scheme must be http or https (got {shown})")
+    if not parts.hostname:
+        raise InvalidUrl("URL has no host")
+    if port == 0:
+        raise InvalidUrl("port 0 is not a valid port")
+    return url
+
+
+@dataclasses.dataclass
+class _Line:
+    number: int
+    text: str | None  # None: the bytes were not UTF-8
+    error: str | None = None
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    if path == STDIN:
+        raw: IO[bytes] = sys.stdin.buffer
+    else:
+        try:
+            raw = open(path, "rb")  # noqa: SIM115
+        except OSError as exc:
+            raise InputError(f"cannot open input {path}: {exc.strerror or exc}") from None
+    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[type-var]
+    if buffered.peek(2)[:2] == _GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+    return buffered
+
+
+def _lines(stream: IO[bytes], label: str) -> Iterator[_Line]:
+    number = 0
+    try:
+        for raw in stream:
+            number += 1
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield _Line(number, raw.decode("utf-8").rstrip("\r\n"))
+            except UnicodeDecodeError:
+                yield _Line(number, None, "line is not valid UTF-8")
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise InputError(f"{label}: read failed after line {number}: {exc}") from None
+
+
+def _format_of(path: str, first: str | None, settings: InputSettings) -> str:
+    if settings.format != "auto":
+        return settings.format
+    name = Path(path).name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    fmt = _SUFFIX_FORMATS.get(Path(name).suffix)
+    if fmt is not None:
+        return fmt
+    sample = (first or "").lstrip()
+    if sample.startswith("{"):
+        return "jsonl"
+    for delimiter, candidate in (("\t", "tsv"), (",", "csv")):
+        if delimiter in sample and settings.url_column in sample.split(delimiter):
+            return candidate
+    return "txt"
+
+
+class InputList:
+    """One input list. Opening it reads the header, so a bad file fails before the run."""
+
+    def __init__(self, path: str, settings: InputSettings) -> None:
+        self.path = path
+        self.label = path
+        self.settings = settings
+        self._stream = _open_binary(path)
+        self._lines = _lines(self._stream, path)
+        first = self._first_meaningful()
+        self.format = _format_of(path, first.text if first else None, settings)
+        self._pending: list[_Line] = [first] if first else []
+        self._header: list[str] = []
+        if self.format in ("csv", "tsv") and first is not None:
+            self._pending = []
+            self._read_header(first)
+
+    def _first_meaningful(self) -> _Line | None:
+        skipped: list[_Line] = []
+        for line in self._lines:
+            if line.text is not None and (
+                not line.text.strip() or line.text.lstrip().startswith("#")
+            ):
+                skipped.append(line)
+                continue
+            self._skipped = skipped
+            return line
+        self._skipped = skipped
+        return None
+
+    def _read_header(self, line: _Line) -> None:
+        if line.text is None:
+            raise InputError(f"{self.label}: the header line is not valid UTF-8")
+        self._header = next(csv.reader([line.text], delimiter=self._delimiter))
+        self._header = [h.strip() for h in self._header]
+        for column in (self.settings.url_column, self.settings.name_column):
+            if column and column not in self._header:
+                raise InputError(
+                    f"{self.label}: no column '{column}' in the header "
+                    f"(columns: {', '.join(self._header) or 'none'}); "
+                    "set input.url_column / input.name_column"
+                )
+
+    @property
+    def _delimiter(self) -> str:
+        return "\t" if self.format == "tsv" else ","
+
+    def __iter__(self) -> Iterator[Job | Outcome]:
+        try:
+            for line in itertools.chain(self._pending, self._lines):
+                item = self._parse(line)
+                if item is not None:
+                    yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.path != STDIN:
+            self._stream.close()
+
+    def _invalid(self, line: _Line, url: str, error: str) -> Outcome:
+        job = Job(url=url, input=self.label, line=line.number)
+        return Outcome.not_saved(job, Reason.INVALID_URL, error=error)
+
+    def _parse(self, line: _Line) -> Job | Outcome | None:
+        if line.text is None:
+            return self._invalid(line, "", line.error or "undecodable line")
+        text = line.text
+        if not text.strip():
+            return None
+        if self.format == "txt":
+            if text.lstrip().startswith("#"):
+                return None
+            return self._job(line, text, None)
+        if self.format == "jsonl":
+            return self._parse_json(line, text)
+        return self._parse_csv(line, text)
+
+    def _parse_json(self, line: _Line, text: str) -> Job | Outcome:
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return self._invalid(line, "", f"not valid JSON: {exc.msg}")
+        if not isinstance(record, dict):
+            return self._invalid(line, "", "JSON line is not an object")
+        url = record.get(self.settings.url_column)
+        if not isinstance(url, str):
+            return self._invalid(line, "", f"no string '{self.settings.url_column}' key")
+        name = record.get(self.settings.name_column) if self.settings.name_column else None
+        return self._job(line, url, name if isinstance(name, str) else None)
+
+    def _parse_csv(self, line: _Line, text: str) -> Job | Outcome:
+        try:
+            row = next(csv.reader([text], delimiter=self._delimiter))
+        except csv.Error as exc:
+            return self._invalid(line, "", f"malformed CSV line: {exc}")
+        if len(row) != len(self._header):
+            return self._invalid(line, "", f"expected {len(self._header)} columns, got {len(row)}")
+        record = dict(zip(self._header, row, strict=True))
+        name = record.get(self.settings.name_column) if self.settings.name_column else None
+        return self._job(line, record[self.settings.url_column], name)
+
+    def _job(self, line: _Line, url: str, name: str | None) -> Job | Outcome:
+        try:
+            clean = check_url(url)
+        except InvalidUrl as exc:
+            return self._invalid(line, url.strip(), str(exc))
+        return Job(url=clean, input=self.label, line=line.number, name=name or None)
+
+
+def open_inputs(paths: Iterable[str], settings: InputSettings) -> list[InputList]:
+    """Open every input up front so a missing file or bad header stops the run before it starts."""
+    paths = list(paths)
+    if paths.count(STDIN) > 1:
+        raise InputError("standard input ('-') can be given only once")
+    opened: list[InputList] = []
+    try:
+        for path in paths:
+            opened.append(InputList(path, settings))
+    except BaseException:
+        for item in opened:
+            item.close()
+        raise
+    return opened
+
+
+def read_all(inputs: Iterable[InputList]) -> Iterator[Job | Outcome]:
+    for item in inputs:
+        yield from item

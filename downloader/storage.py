@@ -1,0 +1,163 @@
+"""Where a downloaded image goes: names from templates, safe paths, atomic writes.
+
+Invariant 2 lives here: a body is streamed to ``NAME.<token>.part`` beside its
+final path and only ``os.replace``-d into place once complete and valid, so a
+crash at any moment leaves either nothing or a whole file at the final path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import string
+from pathlib import Path
+from typing import Self
+from urllib.parse import unquote, urlsplit
+
+import aiofiles
+import aiofiles.os
+from aiofiles.threadpool.binary import AsyncBufferedIOBase
+
+from downloader.errors import ConfigError, UnsafeNameError
+from downloader.outcomes import Job
+from downloader.validate import EXTENSIONS, KNOWN_SUFFIXES
+
+PART_SUFFIX = ".part"
+TEMPLATE_FIELDS = frozenset({"url_hash", "host", "basename", "input", "line"})
+_MAX_COMPONENT_BYTES = 255
+# Room for ".<ext>" and ".<token>.part" after the stem.
+_MAX_STEM_COMPONENT_BYTES = _MAX_COMPONENT_BYTES - 32
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_UNSAFE_BASENAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def url_hash(url: str) -> str:
+    """Stable 128-bit name of a URL: the same URL lands on the same file in every run."""
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def check_template(template: str) -> None:
+    """Raise ConfigError unless ``template`` only uses known fields and stays inside OUTDIR."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise ConfigError(f"bad template {template!r}: {exc}") from None
+    unknown = {f.split(".")[0].split("[")[0] for f in fields} - TEMPLATE_FIELDS
+    if unknown or any(not f or "." in f or "[" in f for f in fields):
+        allowed = ", ".join(sorted(TEMPLATE_FIELDS))
+        raise ConfigError(f"bad template {template!r}: unknown field; use {{{allowed}}}")
+    sample = _fields(Job(url="http://example.com/a/b.jpg", input="list.txt", line=1))
+    try:
+        safe_relpath(template.format(**sample))
+    except (ValueError, UnsafeNameError) as exc:
+        raise ConfigError(f"bad template {template!r}: {exc}") from None
+
+
+def _fields(job: Job) -> dict[str, str | int]:
+    parts = urlsplit(job.url)
+    last = unquote(parts.path.rsplit("/", 1)[-1])
+    stem = os.path.splitext(last)[0]
+    basename = _UNSAFE_BASENAME.sub("_", stem).strip("._")[:100] or "image"
+    host = _UNSAFE_BASENAME.sub("_", (parts.hostname or "nohost")).strip("._") or "nohost"
+    input_stem = Path(job.input).name.split(".")[0] or "stdin"
+    return {
+        "url_hash": url_hash(job.url),
+        "host": host,
+        "basename": basename,
+        "input": _UNSAFE_BASENAME.sub("_", input_stem),
+        "line": job.line,
+    }
+
+
+def safe_relpath(raw: str) -> str:
+    """Normalise a relative name, refusing anything that could leave OUTDIR."""
+    name = raw.replace("\\", "/")
+    if _CONTROL.search(name):
+        raise UnsafeNameError("name contains control characters")
+    if name.startswith("/"):
+        raise UnsafeNameError(f"name {raw!r} is absolute")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts:
+        raise UnsafeNameError("name is empty")
+    for part in parts:
+        if part == "..":
+            raise UnsafeNameError(f"name {raw!r} climbs out with '..'")
+        if len(part.encode("utf-8", "surrogatepass")) > _MAX_STEM_COMPONENT_BYTES:
+            raise UnsafeNameError(f"a component of {raw!r} is longer than the file system allows")
+    root, ext = os.path.splitext(parts[-1])
+    if ext.lower() in KNOWN_SUFFIXES and root:
+        parts[-1] = root
+    return "/".join(parts)
+
+
+class Store:
+    """The local output folder. Later backends (object stores) keep this interface."""
+
+    def __init__(self, root: Path, template: str) -> None:
+        self.root = root.resolve()
+        self.template = template
+        self._checked_dirs: set[str] = set()
+
+    def stem_for(self, job: Job) -> str:
+        """Relative path without extension; raises UnsafeNameError for a bad name column."""
+        if job.name:
+            return safe_relpath(job.name)
+        return safe_relpath(self.template.format(**_fields(job)))
+
+    def existing(self, stem: str) -> str | None:
+        """The relative path of an image already saved under ``stem``, if any."""
+        base = os.path.join(self.root, stem)
+        for ext in EXTENSIONS:
+            if os.path.isfile(base + ext):
+                return stem + ext
+        return None
+
+    async def open_part(self, stem: str) -> PartFile:
+        final_dir = os.path.dirname(os.path.join(self.root, stem))
+        if final_dir not in self._checked_dirs:
+            await aiofiles.os.makedirs(final_dir, exist_ok=True)
+            real = os.path.realpath(final_dir)
+            if real != str(self.root) and not real.startswith(str(self.root) + os.sep):
+                raise UnsafeNameError(f"{stem!r} resolves outside the output folder")
+            self._checked_dirs.add(final_dir)
+        return await PartFile.open(self.root, stem)
+
+
+class PartFile:
+    """A body being written: ``commit`` renames it into place, ``abort`` removes it."""
+
+    def __init__(self, root: Path, stem: str, part: str, handle: AsyncBufferedIOBase) -> None:
+        self._root = root
+        self._stem = stem
+        self._part = part
+        self._handle = handle
+        self._closed = False
+
+    @classmethod
+    async def open(cls, root: Path, stem: str) -> Self:
+        part = os.path.join(root, f"{stem}.{secrets.token_hex(6)}{PART_SUFFIX}")
+        handle = await aiofiles.open(part, "wb")
+        return cls(root, stem, part, handle)
+
+    async def write(self, chunk: bytes) -> None:
+        await self._handle.write(chunk)
+
+    async def commit(self, ext: str) -> str:
+        """Move the finished body to its final name; returns the path relative to OUTDIR."""
+        await self._close()
+        relpath = self._stem + ext
+        await aiofiles.os.replace(self._part, os.path.join(self._root, relpath))
+        return relpath
+
+    async def abort(self) -> None:
+        await self._close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._part)
+
+    async def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._handle.close()

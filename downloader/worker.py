@@ -1,0 +1,214 @@
+"""The worker process: one shard at a time, one event loop, one HTTP session.
+
+``init_worker`` runs once per process (the pool's initializer, under the
+``spawn`` start method, so no thread of the parent is inherited). ``run_shard``
+is what the parent submits: it runs ``asyncio.run`` over the shard with one
+``aiohttp.ClientSession``, a bounded ``asyncio.Queue`` fed by a producer, and
+``concurrency`` consumer tasks. Each outcome is appended to the shard's journal
+as soon as it is known, so that if this process dies the parent knows exactly
+which URLs were finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import time
+from collections import Counter
+from multiprocessing.synchronize import Event as MpEvent
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+
+from downloader.fetch import Fetcher
+from downloader.limits import process_limiter
+from downloader.outcomes import Job, Outcome, Reason
+from downloader.settings import Settings
+from downloader.sharding import Shard
+from downloader.storage import Store
+from downloader.telemetry import TelemetryScope, configure_logging, get_logger
+
+#: How often a worker looks at the parent's stop flag.
+STOP_POLL_SECONDS = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerContext:
+    settings: Settings
+    outdir: Path
+    stop: MpEvent
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShardResult:
+    """What a worker reports back; the outcomes themselves are in the journal."""
+
+    shard_id: int
+    attempt: int
+    pid: int
+    counts: dict[str, int]
+    elapsed_s: float
+
+
+_context: WorkerContext | None = None
+
+
+def init_worker(context: WorkerContext) -> None:
+    """Pool initializer: signals are the parent's business; logs are set up per process."""
+    global _context
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _context = context
+    configure_logging(context.settings.log.level, context.settings.log.format)
+
+
+def run_shard(shard: Shard) -> ShardResult:
+    assert _context is not None, "init_worker was not run in this process"
+    return asyncio.run(_ShardRun(_context, shard).run())
+
+
+class _Journal:
+    """Append-only outcome log of one shard; each record is flushed to the OS at once."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self.done: set[tuple[str, int]] = set()
+        self.counts: Counter[str] = Counter()
+
+    def write(self, outcome: Outcome) -> None:
+        key = (outcome.input, outcome.line)
+        if key in self.done:
+            return
+        self.done.add(key)
+        self.counts[str(outcome.reason or outcome.status)] += 1
+        self._file.write(outcome.to_json() + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _ShardRun:
+    def __init__(self, context: WorkerContext, shard: Shard) -> None:
+        self.settings = context.settings
+        self.context = context
+        self.shard = shard
+        self.stopping = asyncio.Event()
+        self.log = get_logger(shard=shard.shard_id, attempt=shard.attempt, pid=os.getpid())
+
+    async def run(self) -> ShardResult:
+        started = time.monotonic()
+        telemetry = TelemetryScope("worker", shard=self.shard.shard_id)
+        journal = _Journal(self.shard.journal)
+        try:
+            with telemetry:
+                self.log.info("shard started", urls=len(self.shard.jobs))
+                await self._run(journal)
+                self.log.info("shard finished", counts=dict(journal.counts))
+        finally:
+            journal.close()
+            telemetry.close()
+        return ShardResult(
+            shard_id=self.shard.shard_id,
+            attempt=self.shard.attempt,
+            pid=os.getpid(),
+            counts=dict(journal.counts),
+            elapsed_s=time.monotonic() - started,
+        )
+
+    async def _run(self, journal: _Journal) -> None:
+        http = self.settings.http
+        connector = aiohttp.TCPConnector(
+            limit=http.concurrency,
+            limit_per_host=http.per_host_connections,
+            ttl_dns_cache=http.dns_cache_ttl or None,
+            use_dns_cache=http.dns_cache_ttl > 0,
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=http.total_timeout,
+            sock_connect=http.connect_timeout,
+            sock_read=http.read_timeout,
+        )
+        consumers_n = max(1, min(http.concurrency, len(self.shard.jobs)))
+        queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=2 * consumers_n)
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            headers={"User-Agent": http.user_agent},
+            max_line_size=16 * 1024,
+            max_field_size=16 * 1024,
+        ) as session:
+            fetcher = Fetcher(
+                session,
+                Store(self.context.outdir, self.settings.output.name_template),
+                self.settings,
+                process_limiter(self.settings),
+            )
+            watcher = asyncio.create_task(self._watch_stop())
+            producer = asyncio.create_task(self._produce(queue, consumers_n, journal))
+            consumers = [
+                asyncio.create_task(self._consume(queue, fetcher, journal))
+                for _ in range(consumers_n)
+            ]
+            grace = asyncio.create_task(self._enforce_grace([*consumers, producer]))
+            for finished in asyncio.as_completed([producer, *consumers]):
+                try:
+                    await finished
+                except asyncio.CancelledError:
+                    pass
+                except Exception as exc:  # a consumer bug: its job is accounted below
+                    self.log.error("task failed", error=repr(exc))
+            watcher.cancel()
+            grace.cancel()
+        # Whatever did not get an outcome (cancelled in the grace period, a bug):
+        reason = Reason.INTERRUPTED if self.stopping.is_set() else Reason.INTERNAL_ERROR
+        for job in self.shard.jobs:
+            if (job.input, job.line) not in journal.done:
+                journal.write(Outcome.not_saved(job, reason, error="no outcome recorded"))
+
+    async def _watch_stop(self) -> None:
+        while not self.context.stop.is_set():
+            await asyncio.sleep(STOP_POLL_SECONDS)
+        self.log.info("stop requested; finishing downloads in flight")
+        self.stopping.set()
+
+    async def _enforce_grace(self, tasks: list[asyncio.Task[None]]) -> None:
+        await self.stopping.wait()
+        await asyncio.sleep(self.settings.run.grace_period)
+        for task in tasks:
+            task.cancel()
+
+    async def _produce(
+        self, queue: asyncio.Queue[Job | None], consumers: int, journal: _Journal
+    ) -> None:
+        for job in self.shard.jobs:
+            if self.stopping.is_set():
+                journal.write(Outcome.not_saved(job, Reason.INTERRUPTED, error="stopped"))
+                continue
+            await queue.put(job)
+        for _ in range(consumers):
+            await queue.put(None)
+
+    async def _consume(
+        self, queue: asyncio.Queue[Job | None], fetcher: Fetcher, journal: _Journal
+    ) -> None:
+        while True:
+            job = await queue.get()
+            if job is None:
+                return
+            if self.stopping.is_set():
+                journal.write(Outcome.not_saved(job, Reason.INTERRUPTED, error="stopped"))
+                continue
+            try:
+                outcome = await fetcher.fetch(job)
+            except asyncio.CancelledError:
+                journal.write(Outcome.not_saved(job, Reason.INTERRUPTED, error="grace period over"))
+                raise
+            except Exception as exc:
+                outcome = Outcome.not_saved(job, Reason.INTERNAL_ERROR, error=repr(exc))
+            journal.write(outcome)
+            self.log.debug("url done", url=job.url, status=outcome.status, reason=outcome.reason)
