@@ -32,10 +32,10 @@ from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport, read_journal
 from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.sources import InputList, read_all
+from downloader.storage import STATE_DIR
 from downloader.telemetry import get_logger
 from downloader.worker import ShardResult, WorkerContext, init_worker, run_shard
 
-STATE_DIR = ".imgdl"
 log = get_logger()
 #: How often the parent wakes up to notice a signal while waiting on workers.
 POLL_SECONDS = 0.2
@@ -82,7 +82,7 @@ class Runner:
 
     def run(self) -> tuple[int, dict[str, Any]]:
         self.outdir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.journal_dir, ignore_errors=True)
+        shutil.rmtree(self.outdir / STATE_DIR, ignore_errors=True)
         self.journal_dir.mkdir(parents=True)
         report = RunReport(self.outdir)
         structlog.contextvars.bind_contextvars(role="parent")
@@ -90,6 +90,13 @@ class Runner:
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
         lines = _Counted(read_all(self.inputs))
+        log.info(
+            "run started",
+            inputs=[i.label for i in self.inputs],
+            outdir=str(self.outdir),
+            processes=self.settings.processes,
+            concurrency=self.settings.http.concurrency,
+        )
         try:
             shards = sharding.cut(
                 lines, self.settings.run.shard_size, self.journal_dir, report.record
@@ -103,6 +110,15 @@ class Runner:
         exit_code = report.exit_code(self._signal_exit)
         summary = report.finish(exit_code, lines.count, lines.exhausted)
         shutil.rmtree(self.outdir / STATE_DIR, ignore_errors=True)
+        log.info(
+            "run finished",
+            exit_code=exit_code,
+            lines=summary["lines"],
+            saved=summary["saved"],
+            skipped=summary["skipped"],
+            failed=summary["failed"],
+            elapsed_s=summary["elapsed_s"],
+        )
         if report.total != lines.count:  # invariant 1; a bug if it ever fires
             log.error(
                 "outcome count differs from lines read", outcomes=report.total, lines=lines.count

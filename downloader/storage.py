@@ -1,8 +1,11 @@
 """Where a downloaded image goes: names from templates, safe paths, atomic writes.
 
-Invariant 2 lives here: a body is streamed to ``NAME.<token>.part`` beside its
-final path and only ``os.replace``-d into place once complete and valid, so a
-crash at any moment leaves either nothing or a whole file at the final path.
+Invariant 2 lives here: a body is streamed to ``OUTDIR/.imgdl/parts/<pid>/<token>.part``
+and only ``os.replace``-d to its final path once complete and valid, so a crash at
+any moment leaves either nothing or a whole file at the final path. Part files
+live apart from the images (same file system, so the rename is atomic) so that
+what a killed worker left behind is found without walking the output tree: the
+parent removes the parts folder at the start and at the end of every run.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from downloader.outcomes import Job
 from downloader.validate import EXTENSIONS, KNOWN_SUFFIXES
 
 PART_SUFFIX = ".part"
+#: Folder, relative to OUTDIR, of the run's own state (journals, part files).
+STATE_DIR = ".imgdl"
+PARTS_DIR = f"{STATE_DIR}/parts"
 TEMPLATE_FIELDS = frozenset({"url_hash", "host", "basename", "input", "line"})
 _MAX_COMPONENT_BYTES = 255
-# Room for ".<ext>" and ".<token>.part" after the stem.
-_MAX_STEM_COMPONENT_BYTES = _MAX_COMPONENT_BYTES - 32
+# Room for ".<ext>" after the stem.
+_MAX_STEM_COMPONENT_BYTES = _MAX_COMPONENT_BYTES - 8
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNSAFE_BASENAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -100,6 +106,8 @@ class Store:
         self.root = root.resolve()
         self.template = template
         self._checked_dirs: set[str] = set()
+        self._parts = self.root / PARTS_DIR / str(os.getpid())
+        self._parts.mkdir(parents=True, exist_ok=True)
 
     def stem_for(self, job: Job) -> str:
         """Relative path without extension; raises UnsafeNameError for a bad name column."""
@@ -123,7 +131,7 @@ class Store:
             if real != str(self.root) and not real.startswith(str(self.root) + os.sep):
                 raise UnsafeNameError(f"{stem!r} resolves outside the output folder")
             self._checked_dirs.add(final_dir)
-        return await PartFile.open(self.root, stem)
+        return await PartFile.open(self.root, stem, self._parts)
 
 
 class PartFile:
@@ -137,8 +145,8 @@ class PartFile:
         self._closed = False
 
     @classmethod
-    async def open(cls, root: Path, stem: str) -> Self:
-        part = os.path.join(root, f"{stem}.{secrets.token_hex(6)}{PART_SUFFIX}")
+    async def open(cls, root: Path, stem: str, parts: Path) -> Self:
+        part = os.path.join(parts, secrets.token_hex(8) + PART_SUFFIX)
         handle = await aiofiles.open(part, "wb")
         return cls(root, stem, part, handle)
 

@@ -2,9 +2,12 @@
 
 Each process (the parent, and each shard a worker runs) opens a
 :class:`TelemetryScope` and closes it in ``finally``. Closing force-flushes and
-shuts the providers down itself, within a time bound, because pool workers leave
-through ``os._exit`` and no atexit hook would (opentelemetry-python #4005), and
-because ``shutdown`` can hang on an unreachable collector (#2284).
+shuts the providers down itself, within a time bound, instead of trusting atexit:
+a pool worker that is terminated or killed runs no exit hook, and under the
+``fork`` start method workers leave through ``os._exit`` (opentelemetry-python
+#4005). The bound matters because ``shutdown`` can hang on an unreachable
+collector (#2284); after one flush has timed out, later ones in the same process
+get a short bound, so a dead collector costs a shard well under a second.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from downloader import __version__
 
 #: Upper bound on the time a process spends flushing telemetry when it ends.
 FLUSH_SECONDS = 5.0
+#: The bound once a flush in this process has failed (the collector looks dead).
+FLUSH_SECONDS_UNHEALTHY = 0.5
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -43,6 +48,7 @@ _SEVERITY = {
     "critical": SeverityNumber.FATAL,
 }
 _otel_logger: OtelLogger | None = None
+_collector_healthy = True
 
 
 def otlp_logs_wanted(env: Mapping[str, str] = os.environ) -> bool:
@@ -135,10 +141,12 @@ class TelemetryScope:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self, timeout: float = FLUSH_SECONDS) -> bool:
+    def close(self, timeout: float | None = None) -> bool:
         """Flush and shut down within ``timeout`` seconds; True if everything was sent."""
-        global _otel_logger
+        global _otel_logger, _collector_healthy
         _otel_logger = None
+        if timeout is None:
+            timeout = FLUSH_SECONDS if _collector_healthy else FLUSH_SECONDS_UNHEALTHY
         provider, self._provider = self._provider, None
         if provider is None:
             return True
@@ -151,4 +159,5 @@ class TelemetryScope:
         thread = threading.Thread(target=flush_and_shutdown, name="otel-flush", daemon=True)
         thread.start()
         thread.join(timeout)
-        return bool(result and result[0]) and not thread.is_alive()
+        _collector_healthy = bool(result and result[0]) and not thread.is_alive()
+        return _collector_healthy

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real image server on 127.0.0.1 and a way to run the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from downloader.devserver import DevServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def server() -> Iterator[DevServer]:
+    with DevServer() as srv:
+        yield srv
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI run: no stray IMGDL_/OTEL_ settings from the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGDL_", "OTEL_"))}
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 90,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``imgdl ARGS`` as a real subprocess and wait for it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "downloader", *args],
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        env=env if env is not None else clean_env(),
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
+    return subprocess.CompletedProcess(
+        done.args,
+        done.returncode,
+        done.stdout.decode(errors="replace"),
+        done.stderr.decode(errors="replace"),
+    )
+
+
+def read_manifest(outdir: Path) -> list[dict[str, Any]]:
+    with open(outdir / "manifest.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def read_summary(outdir: Path) -> dict[str, Any]:
+    return json.loads((outdir / "summary.json").read_text(encoding="utf-8"))
+
+
+def image_files(outdir: Path) -> list[Path]:
+    """Files under OUTDIR that are downloads (not the run's own records)."""
+    own = {"manifest.jsonl", "failures.txt", "summary.json"}
+    return sorted(p for p in outdir.rglob("*") if p.is_file() and p.name not in own)
+
+
+def write_list(path: Path, urls: list[str]) -> Path:
+    path.write_text("\n".join(urls) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,155 @@
+"""The real process pool under stress: a worker killed mid-shard, and signals to the parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from downloader.devserver import DevServer
+from tests.conftest import clean_env, image_files, read_manifest, read_summary, write_list
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"resource_tracker" not in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def _block_requests(server: DevServer) -> int:
+    return sum(1 for _, _, path in server.requests if path.startswith("/block/"))
+
+
+def _start(listing: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "downloader",
+            "fetch",
+            str(listing),
+            "-o",
+            str(out),
+            "--processes",
+            "2",
+            *extra,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_shard_is_retried(server: DevServer, tmp_path: Path) -> None:
+    urls = [f"{server.url}/i/{n}.jpg" for n in range(150)]
+    urls += [f"{server.url}/block/{n}" for n in range(10)]
+    urls += [f"{server.url}/i/{n}.jpg" for n in range(150, 300)]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    proc = _start(listing, out, "--shard-size", "40", "--concurrency", "8")
+    try:
+        _wait_for(lambda: server.blocked >= 8)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        for pid in workers:  # kill the whole pool: the shards in flight lose their worker
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        server.release()
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr.decode()
+    records = read_manifest(out)
+    assert len(records) == 310
+    assert sorted(r["line"] for r in records) == list(range(1, 311))
+    assert {r["status"] for r in records} <= {"saved", "skipped"}
+    assert read_summary(out)["saved"] + read_summary(out)["skipped"] == 310
+    assert len(image_files(out)) == 310
+    assert not list(out.rglob("*.part"))
+    assert b"retrying shard" in stderr
+
+
+@pytest.mark.slow
+def test_shard_whose_worker_dies_twice_is_worker_crashed(server: DevServer, tmp_path: Path) -> None:
+    urls = [f"{server.url}/block/{n}" for n in range(12)]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    proc = _start(listing, out, "--shard-size", "6", "--concurrency", "6")
+    try:
+        for round_ in (1, 2):
+            _wait_for(lambda n=round_: _block_requests(server) >= 12 * n)
+            for pid in _children(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        server.release()
+        proc.kill()
+    assert proc.returncode == 1, stderr.decode()
+    records = read_manifest(out)
+    assert len(records) == 12
+    assert {(r["status"], r["reason"]) for r in records} == {("failed", "worker_crashed")}
+    assert (out / "failures.txt").read_text().split() == urls or sorted(
+        (out / "failures.txt").read_text().split()
+    ) == sorted(urls)
+    assert image_files(out) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_run_and_accounts_every_line(
+    server: DevServer, tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    urls = [f"{server.url}/i/{n}.jpg" for n in range(20)]
+    urls += [f"{server.url}/block/{n}" for n in range(4)]
+    urls += [f"{server.url}/i/{n}.jpg" for n in range(20, 400)]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    proc = _start(listing, out, "--shard-size", "24", "--concurrency", "4")
+    try:
+        _wait_for(lambda: server.blocked >= 4)
+        proc.send_signal(sig)
+        time.sleep(0.5)
+        server.release()  # the downloads in flight finish inside the grace period
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr.decode()
+    assert b"Traceback" not in stderr
+    records = read_manifest(out)
+    summary = read_summary(out)
+    assert summary["exit_code"] == code
+    assert len(records) == summary["lines"] == summary["lines_read"]
+    assert len({r["line"] for r in records}) == len(records)
+    reasons = {r["reason"] for r in records}
+    assert "interrupted" in reasons
+    assert reasons <= {None, "interrupted"}
+    # the blocked downloads were in flight and finished in the grace period
+    blocked = [r for r in records if "/block/" in r["url"]]
+    assert {r["status"] for r in blocked} == {"saved"}
+    assert not list(out.rglob("*.part"))
