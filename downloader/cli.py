@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -172,8 +173,15 @@ def config_show(config_file: Path | None, **params: Any) -> None:
     """Print the effective settings and where each value came from."""
     effective = _effective(config_file, params)
     width = max(len(k) for k in settings_mod.KEYS)
+    resolved = {
+        "run.processes": effective.settings.processes,
+        "run.shards_in_flight": effective.settings.shards_in_flight,
+    }
     for key, value, source in effective.items():
-        click.echo(f"{key:<{width}}  {value!s:<40}  # {source}")
+        shown = json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+        if value is None and key in resolved:
+            source = f"{source}: {resolved[key]}"
+        click.echo(f"{key:<{width}}  {shown:<40}  # {source}")
 
 
 def main() -> None:

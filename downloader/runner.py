@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from downloader import sharding
+from downloader.errors import ImgdlError
 from downloader.outcomes import Reason
 from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport, read_journal
 from downloader.settings import Settings
@@ -80,11 +81,19 @@ class Runner:
 
     # -- the run -------------------------------------------------------------
 
+    def _prepare_outdir(self) -> RunReport:
+        try:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.outdir / STATE_DIR, ignore_errors=True)
+            self.journal_dir.mkdir(parents=True)
+            return RunReport(self.outdir)
+        except OSError as exc:
+            raise ImgdlError(
+                f"cannot write to the output folder {self.outdir}: {exc.strerror or exc}"
+            ) from None
+
     def run(self) -> tuple[int, dict[str, Any]]:
-        self.outdir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.outdir / STATE_DIR, ignore_errors=True)
-        self.journal_dir.mkdir(parents=True)
-        report = RunReport(self.outdir)
+        report = self._prepare_outdir()
         structlog.contextvars.bind_contextvars(role="parent")
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)

@@ -178,3 +178,33 @@ def test_name_column_cannot_escape_outdir(server: DevServer, tmp_path: Path) -> 
     assert records[3]["reason"] == "invalid_name"
     assert records[4]["status"] == "saved"
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*evil*")] == []
+
+
+def test_unwritable_output_folder_is_exit_2(server: DevServer, tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/i/0.jpg"])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("fetch", str(listing), "-o", str(blocker / "out"))
+    assert result.returncode == 2
+    assert "cannot write to the output folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_in_process_run_with_the_real_pool(server: DevServer, tmp_path: Path) -> None:
+    """The same path through click's runner inside this process (pool still spawns 2 workers)."""
+    from click.testing import CliRunner
+
+    from downloader.cli import cli
+
+    listing = write_list(
+        tmp_path / "u.txt",
+        [f"{server.url}/i/{n}.jpg" for n in range(40)] + [f"{server.url}/status/410/1"],
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["fetch", str(listing), "-o", str(out), "--processes", "2", "--shard-size", "10"]
+    )
+    assert result.exit_code == 1, result.output
+    summary = read_summary(out)
+    assert (summary["saved"], summary["failed"], summary["http_errors"]) == (40, 1, {"410": 1})
+    assert len(image_files(out)) == 40
