@@ -74,6 +74,12 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
         "Total seconds per request [default: 120].",
     ),
     (
+        "--tries",
+        "retry.attempts",
+        click.IntRange(1),
+        "Tries per URL, the first included; 1: no retries [default: 3].",
+    ),
+    (
         "--log-level",
         "log.level",
         click.Choice(["debug", "info", "warning", "error"]),

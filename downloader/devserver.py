@@ -13,6 +13,12 @@ Routes (``N`` is any integer; it picks an image, so every URL is distinct):
     /truncated/N          claims more bytes than it sends, then closes
     /html/N               an HTML page served as image/jpeg
     /block/N              waits until ``release()`` (tests), then an image
+    /flaky/K/N            503 for the first K requests of this path, then an image
+    /throttle/S/N         429 with ``Retry-After: S`` the first time, then an image
+    /throttle-date/S/N    the same with Retry-After as an HTTP date S seconds ahead
+    /drip/N               an image at one byte a second
+    /reset/N              half an image, then a TCP reset
+    /hang/N               accepts the request and never answers
     /_stats               JSON: requests seen so far
 """
 
@@ -20,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import mimetypes
+import socket
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +57,7 @@ class DevServer:
         self._runner: web.AppRunner | None = None
         self._release: asyncio.Event | None = None
         self.blocked = 0
+        self.hits: dict[str, int] = {}
         self._thread: threading.Thread | None = None
 
     @property
@@ -65,6 +75,12 @@ class DevServer:
         app.router.add_get("/truncated/{n:\\d+}", self._truncated)
         app.router.add_get("/html/{n}", self._html)
         app.router.add_get("/block/{n:\\d+}", self._block)
+        app.router.add_get("/flaky/{k:\\d+}/{n:\\d+}", self._flaky)
+        app.router.add_get("/throttle/{s:\\d+}/{n:\\d+}", self._throttle)
+        app.router.add_get("/throttle-date/{s:\\d+}/{n:\\d+}", self._throttle)
+        app.router.add_get("/drip/{n:\\d+}", self._drip)
+        app.router.add_get("/reset/{n:\\d+}", self._reset)
+        app.router.add_get("/hang/{n:\\d+}", self._hang)
         app.router.add_get("/_stats", self._stats)
         return app
 
@@ -112,6 +128,56 @@ class DevServer:
             self.blocked -= 1
         return await self._image(request)
 
+    def _seen(self, request: web.Request) -> int:
+        """How many times this exact path was requested before (this one included)."""
+        self.hits[request.path] = self.hits.get(request.path, 0) + 1
+        return self.hits[request.path]
+
+    async def _flaky(self, request: web.Request) -> web.Response:
+        if self._seen(request) <= int(request.match_info["k"]):
+            return web.Response(status=503, text="try again\n")
+        return await self._image(request)
+
+    async def _throttle(self, request: web.Request) -> web.Response:
+        if self._seen(request) > 1:
+            return await self._image(request)
+        seconds = int(request.match_info["s"])
+        value = str(seconds)
+        if request.path.startswith("/throttle-date/"):
+            value = email.utils.formatdate(time.time() + seconds, usegmt=True)
+        return web.Response(status=429, text="slow down\n", headers={"Retry-After": value})
+
+    async def _drip(self, request: web.Request) -> web.StreamResponse:
+        body, mime = self.image(int(request.match_info["n"]))
+        response = web.StreamResponse(
+            headers={"Content-Type": mime, "Content-Length": str(len(body))}
+        )
+        await response.prepare(request)
+        for i in range(min(len(body), 600)):  # bounded: at most ten minutes
+            await response.write(body[i : i + 1])
+            await asyncio.sleep(1.0)
+        return response
+
+    async def _reset(self, request: web.Request) -> web.StreamResponse:
+        body, mime = self.image(int(request.match_info["n"]))
+        response = web.StreamResponse(
+            headers={"Content-Type": mime, "Content-Length": str(len(body))}
+        )
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        await asyncio.sleep(0.05)
+        transport = request.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # linger 0: close() sends RST instead of FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+        return response
+
+    async def _hang(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(600)  # bounded, and cancelled when the client goes away
+        return web.Response(status=504)
+
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": len(self.requests)})
 
@@ -119,7 +185,7 @@ class DevServer:
 
     async def start_async(self) -> None:
         self._release = asyncio.Event()
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

@@ -8,6 +8,7 @@ closed set; nothing raised here escapes to stop the other URLs of a shard
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -17,6 +18,7 @@ import aiohttp
 
 from downloader.errors import UnsafeNameError
 from downloader.outcomes import Job, Outcome, Reason
+from downloader.retry import RetryPolicy
 from downloader.settings import Settings
 from downloader.storage import PartFile, Store
 from downloader.validate import SNIFF_BYTES, sniff
@@ -27,11 +29,22 @@ CHUNK_BYTES = 64 * 1024
 class _Failed(Exception):
     """Internal: ends one download with a reason."""
 
-    def __init__(self, reason: Reason, error: str, http_status: int | None = None) -> None:
+    def __init__(
+        self,
+        reason: Reason,
+        error: str,
+        http_status: int | None = None,
+        retry_after: str | None = None,
+    ) -> None:
         super().__init__(error)
         self.reason = reason
         self.error = error
         self.http_status = http_status
+        self.retry_after = retry_after
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
 
 
 def classify(exc: BaseException) -> tuple[Reason, str]:
@@ -72,14 +85,14 @@ class Fetcher:
         self.session = session
         self.store = store
         self.max_bytes = settings.validate_.max_bytes
+        self.retry = RetryPolicy.from_settings(settings.retry)
+        self.read_window = settings.http.read_timeout
+        self.min_window_bytes = settings.http.min_speed * settings.http.read_timeout
         self.limiter: AbstractAsyncContextManager[Any] = limiter or nullcontext()
 
     async def fetch(self, job: Job) -> Outcome:
+        """Download one job, retrying as the policy says; always returns an outcome."""
         started = time.monotonic()
-
-        def elapsed() -> int:
-            return int((time.monotonic() - started) * 1000)
-
         try:
             stem = self.store.stem_for(job)
         except UnsafeNameError as exc:
@@ -87,29 +100,41 @@ class Fetcher:
         existing = self.store.existing(stem)
         if existing is not None:
             return Outcome.not_saved(job, Reason.SKIPPED_EXISTS, path=existing)
-        try:
-            return await self._download(job, stem, elapsed)
-        except _Failed as exc:
-            return Outcome.not_saved(
-                job,
-                exc.reason,
-                http_status=exc.http_status,
-                error=exc.error,
-                attempts=1,
-                elapsed_ms=elapsed(),
-            )
-        except UnsafeNameError as exc:
-            return Outcome.not_saved(job, Reason.INVALID_NAME, error=str(exc), attempts=1)
-        except Exception as exc:  # every other failure is classified, never raised
-            reason, error = classify(exc)
-            return Outcome.not_saved(job, reason, error=error, attempts=1, elapsed_ms=elapsed())
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after: str | None = None
+            http_status: int | None = None
+            try:
+                saved = await self._download(job, stem)
+                return dataclasses.replace(saved, attempts=attempt, elapsed_ms=_ms_since(started))
+            except _Failed as exc:
+                reason, error = exc.reason, exc.error
+                http_status, retry_after = exc.http_status, exc.retry_after
+            except UnsafeNameError as exc:
+                return Outcome.not_saved(job, Reason.INVALID_NAME, error=str(exc), attempts=attempt)
+            except Exception as exc:  # every other failure is classified, never raised
+                reason, error = classify(exc)
+            if not self.retry.should_retry(attempt, reason, http_status):
+                return Outcome.not_saved(
+                    job,
+                    reason,
+                    http_status=http_status,
+                    error=error,
+                    attempts=attempt,
+                    elapsed_ms=_ms_since(started),
+                )
+            await asyncio.sleep(self.retry.delay(attempt, retry_after))
 
-    async def _download(self, job: Job, stem: str, elapsed: Any) -> Outcome:
+    async def _download(self, job: Job, stem: str) -> Outcome:
         async with self.limiter, self.session.get(job.url, allow_redirects=True) as resp:
             status = resp.status
             if status != 200:
                 raise _Failed(
-                    Reason.HTTP_ERROR, f"HTTP {status} {resp.reason or ''}".strip(), status
+                    Reason.HTTP_ERROR,
+                    f"HTTP {status} {resp.reason or ''}".strip(),
+                    status,
+                    resp.headers.get("Retry-After"),
                 )
             declared = resp.content_length
             if declared is not None and declared > self.max_bytes:
@@ -124,8 +149,20 @@ class Fetcher:
                 size = 0
                 head = b""
                 image = None
+                window_start, window_bytes = time.monotonic(), 0
                 async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
                     size += len(chunk)
+                    window_bytes += len(chunk)
+                    if time.monotonic() - window_start >= self.read_window:
+                        if window_bytes < self.min_window_bytes:
+                            raise _Failed(
+                                Reason.TIMEOUT,
+                                f"body arrives too slowly ({window_bytes} bytes in "
+                                f"{self.read_window:g} s; http.min_speed is "
+                                f"{self.min_window_bytes / self.read_window:g} bytes/s)",
+                                status,
+                            )
+                        window_start, window_bytes = time.monotonic(), 0
                     if size > self.max_bytes:
                         raise _Failed(
                             Reason.TOO_LARGE, f"body exceeds max_bytes {self.max_bytes}", status
@@ -158,8 +195,6 @@ class Fetcher:
                 bytes=size,
                 sha256=digest.hexdigest(),
                 content_type=image.mime,
-                attempts=1,
-                elapsed_ms=elapsed(),
             )
 
     @staticmethod

@@ -58,8 +58,27 @@ class HttpSettings(_Section):
     connect_timeout: float = Field(10.0, gt=0)
     read_timeout: float = Field(30.0, gt=0)
     total_timeout: float = Field(120.0, gt=0)
+    min_speed: int = Field(1024, ge=0)
     dns_cache_ttl: int = Field(300, ge=0)
     user_agent: str = Field(DEFAULT_USER_AGENT, min_length=1)
+
+
+class RetrySettings(_Section):
+    attempts: int = Field(3, ge=1, le=100)
+    backoff_base: float = Field(0.5, ge=0)
+    backoff_max: float = Field(30.0, ge=0)
+    retry_after_max: float = Field(120.0, ge=0)
+    statuses: list[int] = Field(
+        default_factory=lambda: [408, 425, 429, 500, 502, 503, 504], max_length=100
+    )
+
+    @pydantic.field_validator("statuses")
+    @classmethod
+    def _http_statuses(cls, value: list[int]) -> list[int]:
+        bad = [s for s in value if not 100 <= s <= 599]
+        if bad:
+            raise ValueError(f"not HTTP status codes: {bad}")
+        return value
 
 
 class ValidateSettings(_Section):
@@ -76,6 +95,7 @@ class Settings(_Section):
     output: OutputSettings = OutputSettings()
     run: RunSettings = RunSettings()
     http: HttpSettings = HttpSettings()
+    retry: RetrySettings = RetrySettings()
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
     log: LogSettings = LogSettings()
 
