@@ -42,9 +42,21 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ),
     (
         "--rate",
-        "http.rate",
+        "limits.rate",
         click.FloatRange(min=0, min_open=True),
         "Requests per second for the whole run [default: unlimited].",
+    ),
+    (
+        "--per-host-rate",
+        "limits.per_host_rate",
+        click.FloatRange(min=0, min_open=True),
+        "Requests per second to each host, whole run [default: unlimited].",
+    ),
+    (
+        "--per-host-connections",
+        "limits.per_host_connections",
+        click.IntRange(0),
+        "Connections open to each host, whole run; 0: no limit [default: 0].",
     ),
     ("--shard-size", "run.shard_size", click.IntRange(1), "URLs per shard [default: 1000]."),
     (

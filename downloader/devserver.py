@@ -58,6 +58,8 @@ class DevServer:
         self._release: asyncio.Event | None = None
         self.blocked = 0
         self.hits: dict[str, int] = {}
+        self.inflight = 0
+        self.max_inflight = 0
         self._thread: threading.Thread | None = None
 
     @property
@@ -88,9 +90,15 @@ class DevServer:
     async def _count(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path != "/_stats":
-            self.requests.append((time.monotonic(), request.host, request.path_qs))
-        return await handler(request)
+        if request.path == "/_stats":
+            return await handler(request)
+        self.requests.append((time.monotonic(), request.host, request.path_qs))
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            return await handler(request)
+        finally:
+            self.inflight -= 1
 
     async def _image(self, request: web.Request) -> web.Response:
         body, mime = self.image(int(request.match_info["n"]))

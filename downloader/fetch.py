@@ -13,10 +13,12 @@ import hashlib
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from downloader.errors import UnsafeNameError
+from downloader.limits import Limiter
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.retry import RetryPolicy
 from downloader.settings import Settings
@@ -80,7 +82,7 @@ class Fetcher:
         session: aiohttp.ClientSession,
         store: Store,
         settings: Settings,
-        limiter: AbstractAsyncContextManager[Any] | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.session = session
         self.store = store
@@ -88,7 +90,7 @@ class Fetcher:
         self.retry = RetryPolicy.from_settings(settings.retry)
         self.read_window = settings.http.read_timeout
         self.min_window_bytes = settings.http.min_speed * settings.http.read_timeout
-        self.limiter: AbstractAsyncContextManager[Any] = limiter or nullcontext()
+        self.limiter = limiter
 
     async def fetch(self, job: Job) -> Outcome:
         """Download one job, retrying as the policy says; always returns an outcome."""
@@ -127,7 +129,10 @@ class Fetcher:
             await asyncio.sleep(self.retry.delay(attempt, retry_after))
 
     async def _download(self, job: Job, stem: str) -> Outcome:
-        async with self.limiter, self.session.get(job.url, allow_redirects=True) as resp:
+        async with (
+            self._turn(job.url),
+            self.session.get(job.url, allow_redirects=True) as resp,
+        ):
             status = resp.status
             if status != 200:
                 raise _Failed(
@@ -196,6 +201,11 @@ class Fetcher:
                 sha256=digest.hexdigest(),
                 content_type=image.mime,
             )
+
+    def _turn(self, url: str) -> AbstractAsyncContextManager[None]:
+        if self.limiter is None:
+            return nullcontext()
+        return self.limiter.request(urlsplit(url).hostname or "")
 
     @staticmethod
     def _sniffed(head: bytes, resp: aiohttp.ClientResponse, status: int) -> Any:

@@ -1,24 +1,140 @@
-"""Request rate limits.
+"""Rate and connection limits that hold for the whole run, across all worker processes.
 
-``http.rate`` is requests per second for the whole run. For now each worker
-process holds an ``aiolimiter.AsyncLimiter`` at ``rate / processes``: the sum
-holds while every process is busy, and is lower when some are idle. (An
-AsyncLimiter lives in one event loop of one process; N workers each at the
-full rate would send N x the rate.)
+An ``aiolimiter.AsyncLimiter`` lives in one event loop of one process: N workers
+each holding one at rate R send N x R. So the limits that must hold for the run
+live in shared memory that the parent creates and hands to every worker:
+
+* **Rates** (``limits.rate`` for the run, ``limits.per_host_rate`` and
+  ``limits.hosts`` per host) use GCRA, the "virtual scheduling" form of a token
+  bucket: one shared number per bucket, the theoretical arrival time (TAT). A
+  request reserves the earliest send time the buckets allow, under one lock, and
+  then sleeps until it. Holding the lock takes microseconds; waiting happens in
+  the event loop.
+* **Connections per host** (``limits.per_host_connections``) are shared
+  counters: a download takes a slot before its request and gives it back after.
+
+Hosts map to one of ``SLOTS`` cells by a stable hash; two hosts that share a
+cell share its budget, which is stricter than asked, never looser.
+
+Inside each process an ``AsyncLimiter`` at the run's rate sits in front: a
+process can never be granted more than the whole run's rate, so it queues its
+excess tasks in its own event loop instead of having them reserve send times
+far ahead in the shared bucket.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import time
+import zlib
+from collections.abc import AsyncIterator
+from multiprocessing.context import SpawnContext
+from multiprocessing.synchronize import Lock
+from typing import Any
+
 from aiolimiter import AsyncLimiter
 
-from downloader.settings import Settings
+from downloader.settings import LimitsSettings
+
+SLOTS = 4096
+_POLL_MIN, _POLL_MAX = 0.005, 0.05
 
 
-def process_limiter(settings: Settings) -> AsyncLimiter | None:
-    rate = settings.http.rate
-    if rate is None:
-        return None
-    share = rate / settings.processes
-    # A bucket of one second's share, but at least one token: smooth, no big first burst.
-    capacity = max(1.0, share)
-    return AsyncLimiter(capacity, capacity / share)
+def host_slot(host: str) -> int:
+    return zlib.crc32(host.lower().encode("utf-8", "surrogatepass")) % SLOTS
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedLimits:
+    """The shared memory behind the limits; created by the parent, inherited by workers."""
+
+    lock: Lock
+    run_tat: Any  # RawValue('d')
+    host_tat: Any  # RawArray('d', SLOTS)
+    host_connections: Any  # RawArray('i', SLOTS)
+
+    @classmethod
+    def create(cls, context: SpawnContext) -> SharedLimits:
+        return cls(
+            lock=context.Lock(),
+            run_tat=context.RawValue("d", 0.0),
+            host_tat=context.RawArray("d", SLOTS),
+            host_connections=context.RawArray("i", SLOTS),
+        )
+
+    def reset_connections(self) -> None:
+        """After the pool died: its workers' slots are free again."""
+        with self.lock:
+            for i in range(SLOTS):
+                self.host_connections[i] = 0
+
+
+class Limiter:
+    """One worker's view of the run's limits."""
+
+    def __init__(self, settings: LimitsSettings, shared: SharedLimits) -> None:
+        self.settings = settings
+        self.shared = shared
+        self.local = AsyncLimiter(settings.rate, 1.0) if settings.rate else None
+        self._run_interval = 1.0 / settings.rate if settings.rate else 0.0
+        self._burst = settings.burst - 1
+
+    def host_rate(self, host: str) -> float | None:
+        override = self.settings.hosts.get(host)
+        if override is not None and override.rate is not None:
+            return override.rate
+        return self.settings.per_host_rate
+
+    def host_connections(self, host: str) -> int:
+        override = self.settings.hosts.get(host)
+        if override is not None and override.connections is not None:
+            return override.connections
+        return self.settings.per_host_connections
+
+    @contextlib.asynccontextmanager
+    async def request(self, host: str) -> AsyncIterator[None]:
+        """Hold a connection slot of ``host`` and wait for the request's turn."""
+        cell = host_slot(host)
+        connections = self.host_connections(host)
+        if connections:
+            await self._take_connection(cell, connections)
+        try:
+            if self.local is not None:
+                await self.local.acquire()
+            await self._wait_turn(cell, self.host_rate(host))
+            yield
+        finally:
+            if connections:
+                with self.shared.lock:
+                    self.shared.host_connections[cell] -= 1
+
+    async def _take_connection(self, cell: int, limit: int) -> None:
+        pause = _POLL_MIN
+        while True:
+            with self.shared.lock:
+                if self.shared.host_connections[cell] < limit:
+                    self.shared.host_connections[cell] += 1
+                    return
+            await asyncio.sleep(pause)
+            pause = min(_POLL_MAX, pause * 2)
+
+    async def _wait_turn(self, cell: int, host_rate: float | None) -> None:
+        if not self._run_interval and not host_rate:
+            return
+        host_interval = 1.0 / host_rate if host_rate else 0.0
+        shared = self.shared
+        with shared.lock:
+            now = time.monotonic()
+            send = now
+            if self._run_interval:
+                send = max(send, shared.run_tat.value - self._burst * self._run_interval)
+            if host_interval:
+                send = max(send, shared.host_tat[cell] - self._burst * host_interval)
+            if self._run_interval:
+                shared.run_tat.value = max(shared.run_tat.value, send) + self._run_interval
+            if host_interval:
+                shared.host_tat[cell] = max(shared.host_tat[cell], send) + host_interval
+        if send > now:
+            await asyncio.sleep(send - now)

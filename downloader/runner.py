@@ -28,6 +28,7 @@ import structlog
 
 from downloader import sharding
 from downloader.errors import ImgdlError
+from downloader.limits import SharedLimits
 from downloader.outcomes import Reason
 from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport, read_journal
 from downloader.settings import Settings
@@ -65,6 +66,7 @@ class Runner:
         self.journal_dir = self.outdir / STATE_DIR / "journal"
         self._mp = multiprocessing.get_context("spawn")
         self._stop = self._mp.Event()
+        self._limits = SharedLimits.create(self._mp)
         self._signal_exit: int | None = None
 
     # -- signals -------------------------------------------------------------
@@ -135,7 +137,9 @@ class Runner:
         return exit_code, summary
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        context = WorkerContext(settings=self.settings, outdir=self.outdir, stop=self._stop)
+        context = WorkerContext(
+            settings=self.settings, outdir=self.outdir, stop=self._stop, limits=self._limits
+        )
         return ProcessPoolExecutor(
             max_workers=self.settings.processes,
             mp_context=self._mp,
@@ -190,6 +194,7 @@ class Runner:
                     )
                 if broken:
                     pool.shutdown(wait=True, cancel_futures=True)
+                    self._limits.reset_connections()
                     pool = self._new_pool()
                     inflight = self._resubmit(pool, inflight, original, report)
         finally:

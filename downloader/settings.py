@@ -53,14 +53,25 @@ class RunSettings(_Section):
 
 class HttpSettings(_Section):
     concurrency: int = Field(64, ge=1, le=10_000)
-    per_host_connections: int = Field(0, ge=0, le=10_000)
-    rate: float | None = Field(None, gt=0)
     connect_timeout: float = Field(10.0, gt=0)
     read_timeout: float = Field(30.0, gt=0)
     total_timeout: float = Field(120.0, gt=0)
     min_speed: int = Field(1024, ge=0)
     dns_cache_ttl: int = Field(300, ge=0)
     user_agent: str = Field(DEFAULT_USER_AGENT, min_length=1)
+
+
+class HostLimits(_Section):
+    rate: float | None = Field(None, gt=0)
+    connections: int | None = Field(None, ge=1, le=10_000)
+
+
+class LimitsSettings(_Section):
+    rate: float | None = Field(None, gt=0)
+    per_host_rate: float | None = Field(None, gt=0)
+    per_host_connections: int = Field(0, ge=0, le=10_000)
+    burst: int = Field(1, ge=1, le=10_000)
+    hosts: dict[str, HostLimits] = Field(default_factory=dict)
 
 
 class RetrySettings(_Section):
@@ -95,6 +106,7 @@ class Settings(_Section):
     output: OutputSettings = OutputSettings()
     run: RunSettings = RunSettings()
     http: HttpSettings = HttpSettings()
+    limits: LimitsSettings = LimitsSettings()
     retry: RetrySettings = RetrySettings()
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
     log: LogSettings = LogSettings()

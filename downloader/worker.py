@@ -24,7 +24,7 @@ from typing import IO
 import aiohttp
 
 from downloader.fetch import Fetcher
-from downloader.limits import process_limiter
+from downloader.limits import Limiter, SharedLimits
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.settings import Settings
 from downloader.sharding import Shard
@@ -40,6 +40,7 @@ class WorkerContext:
     settings: Settings
     outdir: Path
     stop: MpEvent
+    limits: SharedLimits
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -123,7 +124,6 @@ class _ShardRun:
         http = self.settings.http
         connector = aiohttp.TCPConnector(
             limit=http.concurrency,
-            limit_per_host=http.per_host_connections,
             ttl_dns_cache=http.dns_cache_ttl or None,
             use_dns_cache=http.dns_cache_ttl > 0,
         )
@@ -146,7 +146,7 @@ class _ShardRun:
                 session,
                 Store(self.context.outdir, self.settings.output.name_template),
                 self.settings,
-                process_limiter(self.settings),
+                Limiter(self.settings.limits, self.context.limits),
             )
             watcher = asyncio.create_task(self._watch_stop())
             producer = asyncio.create_task(self._produce(queue, consumers_n, journal))

@@ -26,12 +26,12 @@ def _show(*args: str, env: dict[str, str] | None = None) -> dict[str, tuple[str,
 
 def test_precedence_flag_over_env_over_yaml(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("http:\n  concurrency: 11\n  rate: 5\nrun:\n  shard_size: 77\n")
+    config.write_text("http:\n  concurrency: 11\nlimits:\n  rate: 5\nrun:\n  shard_size: 77\n")
     env = clean_env(IMGDL_HTTP_CONCURRENCY="22", IMGDL_RUN_SHARD_SIZE="88")
     rows = _show("--config", str(config), "--concurrency", "33", env=env)
     assert rows["http.concurrency"] == ("33", "flag --concurrency")
     assert rows["run.shard_size"] == ("88", "env IMGDL_RUN_SHARD_SIZE")
-    assert rows["http.rate"] == ("5.0", f"config {config}")
+    assert rows["limits.rate"] == ("5.0", f"config {config}")
     assert rows["http.read_timeout"] == ("30.0", "default")
     # IMGDL_CONFIG names the file when --config is absent.
     rows = _show(env=clean_env(IMGDL_CONFIG=str(config)))
@@ -88,9 +88,9 @@ def test_bad_config_values_are_named(tmp_path: Path, text: str, expected: str) -
 
 
 def test_bad_env_value_and_unknown_env_name(tmp_path: Path) -> None:
-    result = run_cli("config", "show", env=clean_env(IMGDL_HTTP_RATE="fast"))
+    result = run_cli("config", "show", env=clean_env(IMGDL_LIMITS_RATE="fast"))
     assert result.returncode == 2
-    assert "http.rate (from env IMGDL_HTTP_RATE)" in result.stderr
+    assert "limits.rate (from env IMGDL_LIMITS_RATE)" in result.stderr
     result = run_cli("config", "show", env=clean_env(IMGDL_HTTP_CONCURENCY="3"))
     assert result.returncode == 2
     assert "IMGDL_HTTP_CONCURENCY" in result.stderr and "IMGDL_HTTP_CONCURRENCY" in result.stderr
