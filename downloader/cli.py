@@ -203,4 +203,19 @@ def config_show(config_file: Path | None, **params: Any) -> None:
 
 
 def main() -> None:
-    cli()
+    """Entry point: click's usage errors become one line on stderr and exit code 2."""
+    try:
+        result = cli.main(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.format_message())
+        sys.exit(0)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"imgdl: error: {exc.format_message()}{hint}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        click.echo(f"imgdl: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)

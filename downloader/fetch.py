@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -22,8 +21,8 @@ from downloader.limits import Limiter
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.retry import RetryPolicy
 from downloader.settings import Settings
-from downloader.storage import PartFile, Store
-from downloader.validate import SNIFF_BYTES, sniff
+from downloader.storage import NameTakenError, PartFile, Store
+from downloader.validate import SNIFF_BYTES, ImageType, sniff
 
 CHUNK_BYTES = 64 * 1024
 
@@ -115,6 +114,14 @@ class Fetcher:
                 http_status, retry_after = exc.http_status, exc.retry_after
             except UnsafeNameError as exc:
                 return Outcome.not_saved(job, Reason.INVALID_NAME, error=str(exc), attempts=attempt)
+            except NameTakenError as exc:
+                return Outcome.not_saved(
+                    job,
+                    Reason.NAME_COLLISION,
+                    path=str(exc),
+                    error=f"another line of this run already saved a different file as {exc}",
+                    attempts=attempt,
+                )
             except Exception as exc:  # every other failure is classified, never raised
                 reason, error = classify(exc)
             if not self.retry.should_retry(attempt, reason, http_status):
@@ -148,59 +155,68 @@ class Fetcher:
                     f"Content-Length {declared} exceeds max_bytes {self.max_bytes}",
                     status,
                 )
-            part: PartFile | None = None
             try:
-                digest = hashlib.sha256()
-                size = 0
-                head = b""
-                image = None
-                window_start, window_bytes = time.monotonic(), 0
-                async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-                    size += len(chunk)
-                    window_bytes += len(chunk)
-                    if time.monotonic() - window_start >= self.read_window:
-                        if window_bytes < self.min_window_bytes:
-                            raise _Failed(
-                                Reason.TIMEOUT,
-                                f"body arrives too slowly ({window_bytes} bytes in "
-                                f"{self.read_window:g} s; http.min_speed is "
-                                f"{self.min_window_bytes / self.read_window:g} bytes/s)",
-                                status,
-                            )
-                        window_start, window_bytes = time.monotonic(), 0
-                    if size > self.max_bytes:
+                return await self._stream(job, stem, resp)
+            except (aiohttp.ClientError, TimeoutError) as exc:  # keep the status we got
+                reason, error = classify(exc)
+                raise _Failed(reason, error, status) from None
+
+    async def _stream(self, job: Job, stem: str, resp: aiohttp.ClientResponse) -> Outcome:
+        """Body to a part file: size cap, speed floor, type sniff, Content-Length check."""
+        status, declared = resp.status, resp.content_length
+        part: PartFile | None = None
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            head = b""
+            image: ImageType | None = None
+            window_start, window_bytes = time.monotonic(), 0
+            async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+                size += len(chunk)
+                window_bytes += len(chunk)
+                if time.monotonic() - window_start >= self.read_window:
+                    if window_bytes < self.min_window_bytes:
                         raise _Failed(
-                            Reason.TOO_LARGE, f"body exceeds max_bytes {self.max_bytes}", status
+                            Reason.TIMEOUT,
+                            f"body arrives too slowly ({window_bytes} bytes in "
+                            f"{self.read_window:g} s; http.min_speed is "
+                            f"{self.min_window_bytes / self.read_window:g} bytes/s)",
+                            status,
                         )
-                    digest.update(chunk)
-                    if part is None:
-                        head += chunk
-                        if len(head) < SNIFF_BYTES:
-                            continue
-                        image = self._sniffed(head, resp, status)
-                        part = await self.store.open_part(stem)
-                        chunk, head = head, b""
-                    await part.write(chunk)
-                if part is None:  # the whole body was shorter than SNIFF_BYTES
+                    window_start, window_bytes = time.monotonic(), 0
+                if size > self.max_bytes:
+                    raise _Failed(
+                        Reason.TOO_LARGE, f"body exceeds max_bytes {self.max_bytes}", status
+                    )
+                digest.update(chunk)
+                if part is None:
+                    head += chunk
+                    if len(head) < SNIFF_BYTES:
+                        continue
                     image = self._sniffed(head, resp, status)
                     part = await self.store.open_part(stem)
-                    await part.write(head)
-                if declared is not None and size < declared:
-                    raise _Failed(Reason.TRUNCATED, f"got {size} of {declared} bytes", status)
-                assert image is not None
-                relpath = await part.commit(image.ext)
-            except BaseException:
-                if part is not None:
-                    await asyncio.shield(part.abort())
-                raise
-            return Outcome.saved(
-                job,
-                http_status=status,
-                path=relpath,
-                bytes=size,
-                sha256=digest.hexdigest(),
-                content_type=image.mime,
-            )
+                    chunk, head = head, b""
+                await part.write(chunk)
+            if part is None:  # the whole body was shorter than SNIFF_BYTES
+                image = self._sniffed(head, resp, status)
+                part = await self.store.open_part(stem)
+                await part.write(head)
+            if declared is not None and size < declared:
+                raise _Failed(Reason.TRUNCATED, f"got {size} of {declared} bytes", status)
+            assert image is not None
+            relpath = await part.commit(image.ext)
+        except BaseException:
+            if part is not None:
+                await asyncio.shield(part.abort())
+            raise
+        return Outcome.saved(
+            job,
+            http_status=status,
+            path=relpath,
+            bytes=size,
+            sha256=digest.hexdigest(),
+            content_type=image.mime,
+        )
 
     def _turn(self, url: str) -> AbstractAsyncContextManager[None]:
         if self.limiter is None:
@@ -208,7 +224,7 @@ class Fetcher:
         return self.limiter.request(urlsplit(url).hostname or "")
 
     @staticmethod
-    def _sniffed(head: bytes, resp: aiohttp.ClientResponse, status: int) -> Any:
+    def _sniffed(head: bytes, resp: aiohttp.ClientResponse, status: int) -> ImageType:
         image = sniff(head)
         if image is None:
             claimed = resp.headers.get("Content-Type", "no Content-Type")

@@ -28,6 +28,7 @@ class Reason(enum.StrEnum):
     # failed: the input itself
     INVALID_URL = "invalid_url"
     INVALID_NAME = "invalid_name"
+    NAME_COLLISION = "name_collision"
     # failed: the server or the network
     HTTP_ERROR = "http_error"
     TIMEOUT = "timeout"
@@ -57,6 +58,7 @@ _SKIP_REASONS = frozenset({Reason.SKIPPED_EXISTS, Reason.DUPLICATE})
 REFETCHABLE = frozenset(r for r in Reason if r.status is Status.FAILED) - {
     Reason.INVALID_URL,
     Reason.INVALID_NAME,
+    Reason.NAME_COLLISION,
 }
 
 

@@ -1,25 +1,27 @@
 """The run's written record: manifest, failures file, summary, exit status.
 
-Only the parent writes these files. Workers journal their outcomes per shard;
-the parent merges a journal into ``manifest.jsonl`` when its shard is over, so
-the manifest holds exactly one record per input line and nothing half-written.
+Only the parent writes these. During a run every outcome goes to the run's
+segment in ``OUTDIR/.imgdl`` (see ``state.py``); at the end :func:`compact`
+merges all records, newest first, into ``manifest.jsonl`` (exactly one record
+per input line) and ``failures.txt``, both through a temporary file and
+``os.replace``. That also makes it safe to feed ``OUTDIR/failures.txt`` back in
+as the input of a run into the same OUTDIR.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from downloader.outcomes import REFETCHABLE, Job, Outcome, Reason, Status
-
-MANIFEST = "manifest.jsonl"
-FAILURES = "failures.txt"
-SUMMARY = "summary.json"
+from downloader.state import FAILURES, MANIFEST, SUMMARY, LineSet, RunState
 
 EXIT_OK = 0
 EXIT_FAILURES = 1
@@ -28,43 +30,21 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
-def read_journal(path: Path) -> dict[tuple[str, int], Outcome]:
-    """Outcomes a worker journaled; a torn last line (the worker was killed) is ignored."""
-    found: dict[tuple[str, int], Outcome] = {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    outcome = Outcome.from_json(line)
-                except (ValueError, TypeError, KeyError):
-                    continue
-                found.setdefault((outcome.input, outcome.line), outcome)
-    except FileNotFoundError:
-        pass
-    return found
+@dataclasses.dataclass
+class Totals:
+    """Counts over the merged manifest."""
 
-
-class RunReport:
-    """Collects every outcome of a run into the manifest, failures file and counters."""
-
-    def __init__(self, outdir: Path) -> None:
-        self.outdir = outdir
-        self.started = time.monotonic()
-        self.started_at = datetime.now(UTC)
-        self._manifest: IO[str] = open(outdir / MANIFEST, "w", encoding="utf-8")  # noqa: SIM115
-        self._failures: IO[str] = open(outdir / FAILURES, "w", encoding="utf-8")  # noqa: SIM115
-        self.by_status: Counter[str] = Counter()
-        self.by_reason: Counter[str] = Counter()
-        self.http_errors: Counter[int] = Counter()
-        self.bytes = 0
-        self.refetchable = 0
+    by_status: Counter[str] = dataclasses.field(default_factory=Counter)
+    by_reason: Counter[str] = dataclasses.field(default_factory=Counter)
+    http_errors: Counter[int] = dataclasses.field(default_factory=Counter)
+    bytes: int = 0
+    refetchable: int = 0
 
     @property
-    def total(self) -> int:
+    def lines(self) -> int:
         return sum(self.by_status.values())
 
-    def record(self, outcome: Outcome) -> None:
-        self._manifest.write(outcome.to_json() + "\n")
+    def add(self, outcome: Outcome) -> None:
         self.by_status[outcome.status] += 1
         if outcome.reason is not None:
             self.by_reason[outcome.reason] += 1
@@ -73,8 +53,74 @@ class RunReport:
         if outcome.status is Status.SAVED:
             self.bytes += outcome.bytes
         if outcome.reason in REFETCHABLE:
-            self._failures.write(outcome.url + "\n")
             self.refetchable += 1
+
+
+def compact(state: RunState, summary_extra: dict[str, Any] | None = None) -> Totals:
+    """Merge every record into ``manifest.jsonl`` and ``failures.txt``; return the counts."""
+    outdir = state.outdir
+    totals = Totals()
+    seen = LineSet()
+    manifest_tmp = outdir / (MANIFEST + ".tmp")
+    failures_tmp = outdir / (FAILURES + ".tmp")
+    with (
+        open(manifest_tmp, "w", encoding="utf-8") as manifest,
+        open(failures_tmp, "w", encoding="utf-8") as failures,
+    ):
+        for outcome in state.records():
+            key = (outcome.input, outcome.line)
+            if key in seen:
+                continue
+            seen.add(key)
+            manifest.write(outcome.to_json() + "\n")
+            if outcome.reason in REFETCHABLE:
+                failures.write(outcome.url + "\n")
+            totals.add(outcome)
+    os.replace(manifest_tmp, outdir / MANIFEST)
+    os.replace(failures_tmp, outdir / FAILURES)
+    if summary_extra is not None:
+        write_summary(outdir, {**_counts(totals), **summary_extra})
+    state.merged()
+    return totals
+
+
+def _counts(totals: Totals) -> dict[str, Any]:
+    return {
+        "lines": totals.lines,
+        "saved": totals.by_status[Status.SAVED],
+        "skipped": totals.by_status[Status.SKIPPED],
+        "failed": totals.by_status[Status.FAILED],
+        "by_reason": dict(sorted(totals.by_reason.items())),
+        "http_errors": {str(k): v for k, v in sorted(totals.http_errors.items())},
+        "bytes": totals.bytes,
+        "refetchable_failures": totals.refetchable,
+    }
+
+
+def write_summary(outdir: Path, summary: dict[str, Any]) -> None:
+    tmp = outdir / (SUMMARY + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, outdir / SUMMARY)
+
+
+class RunReport:
+    """The parent's side of a run: records outcomes as they come, then writes the files."""
+
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+        self.outdir = state.outdir
+        self.started = time.monotonic()
+        self.started_at = datetime.now(UTC)
+        self.this_run: Counter[str] = Counter()
+        self.saved_now = 0
+        self.recorded = 0
+
+    def record(self, outcome: Outcome) -> None:
+        self.state.append(outcome)
+        self.recorded += 1
+        self.this_run[str(outcome.reason or outcome.status)] += 1
+        if outcome.status is Status.SAVED:
+            self.saved_now += 1
 
     def merge(
         self,
@@ -89,42 +135,44 @@ class RunReport:
             if outcome is None:
                 outcome = Outcome.not_saved(job, missing, error=error)
             self.record(outcome)
-        self._manifest.flush()
-        self._failures.flush()
+        self.state.flush()
 
-    def exit_code(self, signal_exit: int | None) -> int:
-        if signal_exit is not None:
-            return signal_exit
-        return EXIT_FAILURES if self.by_status[Status.FAILED] else EXIT_OK
-
-    def finish(self, exit_code: int, lines_read: int, input_complete: bool) -> dict[str, Any]:
-        """Close the files and write ``summary.json``; returns the summary."""
-        self._manifest.close()
-        self._failures.close()
+    def finish(
+        self,
+        signal_exit: int | None,
+        lines_read: int,
+        carried: int,
+        input_complete: bool,
+        input_errors: list[str],
+    ) -> dict[str, Any]:
+        """Merge the records, write ``summary.json``; returns the summary."""
+        self.state.close()
+        totals = compact(self.state)
         elapsed = time.monotonic() - self.started
-        saved = self.by_status[Status.SAVED]
+        failed = totals.by_status[Status.FAILED] > 0 or bool(input_errors)
+        exit_code = (
+            signal_exit if signal_exit is not None else (EXIT_FAILURES if failed else EXIT_OK)
+        )
         summary: dict[str, Any] = {
-            "lines": self.total,
+            **_counts(totals),
             "lines_read": lines_read,
             "input_complete": input_complete,
-            "saved": saved,
-            "skipped": self.by_status[Status.SKIPPED],
-            "failed": self.by_status[Status.FAILED],
-            "by_reason": dict(sorted(self.by_reason.items())),
-            "http_errors": {str(k): v for k, v in sorted(self.http_errors.items())},
-            "bytes": self.bytes,
+            "input_errors": input_errors,
+            "this_run": {
+                "lines": self.recorded,
+                "resumed_lines": carried,
+                "saved": self.saved_now,
+                "by_outcome": dict(sorted(self.this_run.items())),
+            },
             "elapsed_s": round(elapsed, 3),
-            "images_per_s": round(saved / elapsed, 1) if elapsed > 0 else 0.0,
+            "images_per_s": round(self.saved_now / elapsed, 1) if elapsed > 0 else 0.0,
             "started_at": self.started_at.isoformat(timespec="seconds"),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "exit_code": exit_code,
             "manifest": MANIFEST,
             "failures": FAILURES,
-            "refetchable_failures": self.refetchable,
         }
-        tmp = self.outdir / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.outdir / SUMMARY)
+        write_summary(self.outdir, summary)
         return summary
 
 
@@ -132,14 +180,20 @@ def summary_text(summary: dict[str, Any], outdir: Path) -> str:
     """The few lines printed on stderr at the end of a run."""
     reasons = ", ".join(f"{r} {n}" for r, n in summary["by_reason"].items())
     mb = summary["bytes"] / 1e6
+    resumed = summary["this_run"]["resumed_lines"]
     lines = [
         f"imgdl: {summary['lines']} lines: {summary['saved']} saved, "
         f"{summary['skipped']} skipped, {summary['failed']} failed"
         + (f" ({reasons})" if reasons else ""),
-        f"imgdl: {mb:.1f} MB in {summary['elapsed_s']:.1f} s, {summary['images_per_s']} images/s",
-        f"imgdl: manifest {outdir / MANIFEST}, failures {outdir / FAILURES} "
-        f"({summary['refetchable_failures']} URLs), exit {summary['exit_code']}",
+        f"imgdl: this run: {summary['this_run']['saved']} saved in {summary['elapsed_s']:.1f} s, "
+        f"{summary['images_per_s']} images/s"
+        + (f"; {resumed} lines already done by an earlier run" if resumed else ""),
+        f"imgdl: {mb:.1f} MB saved in all; manifest {outdir / MANIFEST}; "
+        f"failures {outdir / FAILURES} ({summary['refetchable_failures']} to retry); "
+        f"exit {summary['exit_code']}",
     ]
+    for error in summary["input_errors"]:
+        lines.append(f"imgdl: input error: {error}")
     if not summary["input_complete"]:
         lines.append(
             f"imgdl: stopped before the end of the input ({summary['lines_read']} lines read); "

@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import shutil
 import signal
 import types
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -29,12 +29,12 @@ import structlog
 from downloader import sharding
 from downloader.errors import ImgdlError
 from downloader.limits import SharedLimits
-from downloader.outcomes import Reason
-from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport, read_journal
+from downloader.outcomes import Job, Outcome, Reason
+from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport
 from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.sources import InputList, read_all
-from downloader.storage import STATE_DIR
+from downloader.state import LineSet, RunState, read_records
 from downloader.telemetry import get_logger
 from downloader.worker import ShardResult, WorkerContext, init_worker, run_shard
 
@@ -43,17 +43,22 @@ log = get_logger()
 POLL_SECONDS = 0.2
 
 
-class _Counted:
-    """Counts the lines read, to tell a complete input from an interrupted one."""
+class _Lines:
+    """The input stream as the parent sees it: counted, with lines done earlier left out."""
 
-    def __init__(self, items: Iterator[Any]) -> None:
+    def __init__(self, items: Iterator[Job | Outcome], done: LineSet) -> None:
         self._items = items
+        self._done = done
         self.count = 0
+        self.carried = 0
         self.exhausted = False
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Job | Outcome]:
         for item in self._items:
             self.count += 1
+            if (item.input, item.line) in self._done:
+                self.carried += 1
+                continue
             yield item
         self.exhausted = True
 
@@ -63,7 +68,7 @@ class Runner:
         self.settings = settings
         self.inputs = inputs
         self.outdir = settings.output.dir.resolve()
-        self.journal_dir = self.outdir / STATE_DIR / "journal"
+        self.state = RunState(self.outdir)
         self._mp = multiprocessing.get_context("spawn")
         self._stop = self._mp.Event()
         self._limits = SharedLimits.create(self._mp)
@@ -83,34 +88,40 @@ class Runner:
 
     # -- the run -------------------------------------------------------------
 
-    def _prepare_outdir(self) -> RunReport:
+    def _open_state(self) -> LineSet:
         try:
             self.outdir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.outdir / STATE_DIR, ignore_errors=True)
-            self.journal_dir.mkdir(parents=True)
-            return RunReport(self.outdir)
+            return self.state.open([i.label for i in self.inputs])
         except OSError as exc:
+            where = exc.filename or self.outdir
             raise ImgdlError(
-                f"cannot write to the output folder {self.outdir}: {exc.strerror or exc}"
+                f"cannot write to the output folder {self.outdir} ({where}): {exc.strerror or exc}"
             ) from None
 
     def run(self) -> tuple[int, dict[str, Any]]:
-        report = self._prepare_outdir()
+        done = self._open_state()
+        if self.state.archived is not None:
+            log.warning(
+                "the output folder held the records of other inputs: moved them aside",
+                to=str(self.state.archived),
+            )
+        report = RunReport(self.state)
         structlog.contextvars.bind_contextvars(role="parent")
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
-        lines = _Counted(read_all(self.inputs))
+        lines = _Lines(read_all(self.inputs), done)
         log.info(
             "run started",
             inputs=[i.label for i in self.inputs],
             outdir=str(self.outdir),
             processes=self.settings.processes,
             concurrency=self.settings.http.concurrency,
+            already_done=len(done),
         )
         try:
             shards = sharding.cut(
-                lines, self.settings.run.shard_size, self.journal_dir, report.record
+                lines, self.settings.run.shard_size, self.state.journal_dir, report.record
             )
             self._drive(shards, report)
         finally:
@@ -118,23 +129,22 @@ class Runner:
                 signal.signal(sig, handler)
             for item in self.inputs:
                 item.close()
-        exit_code = report.exit_code(self._signal_exit)
-        summary = report.finish(exit_code, lines.count, lines.exhausted)
-        shutil.rmtree(self.outdir / STATE_DIR, ignore_errors=True)
+        input_errors = [i.error for i in self.inputs if i.error]
+        summary = report.finish(
+            self._signal_exit, lines.count, lines.carried, lines.exhausted, input_errors
+        )
         log.info(
             "run finished",
-            exit_code=exit_code,
+            exit_code=summary["exit_code"],
             lines=summary["lines"],
             saved=summary["saved"],
             skipped=summary["skipped"],
             failed=summary["failed"],
             elapsed_s=summary["elapsed_s"],
         )
-        if report.total != lines.count:  # invariant 1; a bug if it ever fires
-            log.error(
-                "outcome count differs from lines read", outcomes=report.total, lines=lines.count
-            )
-        return exit_code, summary
+        if summary["lines"] < lines.count:  # invariant 1; a bug if it ever fires
+            log.error("fewer records than lines read", records=summary["lines"], lines=lines.count)
+        return summary["exit_code"], summary
 
     def _new_pool(self) -> ProcessPoolExecutor:
         context = WorkerContext(
@@ -210,7 +220,7 @@ class Runner:
         """After a worker died: retry every shard that was in flight, or give up on it."""
         again: dict[Future[ShardResult], Shard] = {}
         for shard in inflight.values():
-            journaled = read_journal(shard.journal)
+            journaled = _journaled(shard.journal)
             remaining = tuple(j for j in shard.jobs if (j.input, j.line) not in journaled)
             if (
                 remaining
@@ -242,6 +252,14 @@ class Runner:
         return again
 
     def _close_shard(self, shard: Shard, report: RunReport, missing: Reason, error: str) -> None:
-        report.merge(shard.jobs, read_journal(shard.journal), missing, error)
+        report.merge(shard.jobs, _journaled(shard.journal), missing, error)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(shard.journal)
+
+
+def _journaled(path: Path) -> dict[tuple[str, int], Outcome]:
+    """The outcomes a worker journaled for a shard, by (input, line)."""
+    found: dict[tuple[str, int], Outcome] = {}
+    for outcome in read_records(path):
+        found.setdefault((outcome.input, outcome.line), outcome)
+    return found

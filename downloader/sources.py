@@ -133,6 +133,8 @@ class InputList:
         self.format = _format_of(path, first.text if first else None, settings)
         self._pending: list[_Line] = [first] if first else []
         self._header: list[str] = []
+        #: Set when the input broke off mid-way (a cut gzip stream, an I/O error).
+        self.error: str | None = None
         if self.format in ("csv", "tsv") and first is not None:
             self._pending = []
             self._read_header(first)
@@ -173,6 +175,8 @@ class InputList:
                 item = self._parse(line)
                 if item is not None:
                     yield item
+        except InputError as exc:  # the lines read so far stand; the rest is lost
+            self.error = str(exc)
         finally:
             self.close()
 

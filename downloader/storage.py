@@ -10,12 +10,14 @@ parent removes the parts folder at the start and at the end of every run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import re
 import secrets
 import string
+import threading
 from pathlib import Path
 from typing import Self
 from urllib.parse import unquote, urlsplit
@@ -26,16 +28,16 @@ from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import ConfigError, UnsafeNameError
 from downloader.outcomes import Job
+from downloader.state import ARCHIVE_DIR, STATE_DIR
 from downloader.validate import EXTENSIONS, KNOWN_SUFFIXES
 
 PART_SUFFIX = ".part"
-#: Folder, relative to OUTDIR, of the run's own state (journals, part files).
-STATE_DIR = ".imgdl"
 PARTS_DIR = f"{STATE_DIR}/parts"
 TEMPLATE_FIELDS = frozenset({"url_hash", "host", "basename", "input", "line"})
 _MAX_COMPONENT_BYTES = 255
 # Room for ".<ext>" after the stem.
 _MAX_STEM_COMPONENT_BYTES = _MAX_COMPONENT_BYTES - 8
+_RESERVED_TOP = frozenset({STATE_DIR, ARCHIVE_DIR})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNSAFE_BASENAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -48,9 +50,12 @@ def url_hash(url: str) -> str:
 def check_template(template: str) -> None:
     """Raise ConfigError unless ``template`` only uses known fields and stays inside OUTDIR."""
     try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        parsed = [(f, c) for _, f, _, c in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
         raise ConfigError(f"bad template {template!r}: {exc}") from None
+    if any(conversion for _, conversion in parsed):
+        raise ConfigError(f"bad template {template!r}: conversions like !r are not allowed")
+    fields = {f for f, _ in parsed}
     unknown = {f.split(".")[0].split("[")[0] for f in fields} - TEMPLATE_FIELDS
     if unknown or any(not f or "." in f or "[" in f for f in fields):
         allowed = ", ".join(sorted(TEMPLATE_FIELDS))
@@ -93,6 +98,8 @@ def safe_relpath(raw: str) -> str:
             raise UnsafeNameError(f"name {raw!r} climbs out with '..'")
         if len(part.encode("utf-8", "surrogatepass")) > _MAX_STEM_COMPONENT_BYTES:
             raise UnsafeNameError(f"a component of {raw!r} is longer than the file system allows")
+    if parts[0] in _RESERVED_TOP:
+        raise UnsafeNameError(f"name {raw!r} is inside imgdl's own folder {parts[0]}/")
     root, ext = os.path.splitext(parts[-1])
     if ext.lower() in KNOWN_SUFFIXES and root:
         parts[-1] = root
@@ -134,6 +141,35 @@ class Store:
         return await PartFile.open(self.root, stem, self._parts)
 
 
+_COMMIT_LOCK = threading.Lock()
+
+
+class NameTakenError(Exception):
+    """The final name already holds another file."""
+
+
+def _link_into_place(part: str, stem: str, ext: str) -> None:
+    """Atomic, no-clobber rename: link to the final name, then drop the part name.
+
+    The stem names the image: a file under the same stem with another image
+    extension counts as taken too.
+    """
+    final = stem + ext
+    with _COMMIT_LOCK:  # the sibling check and the link are one step within a process
+        if any(os.path.lexists(stem + other) for other in EXTENSIONS if other != ext):
+            raise FileExistsError(final)
+        try:
+            os.link(part, final)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: check, then replace
+            if os.path.lexists(final):
+                raise FileExistsError(final) from None
+            os.replace(part, final)
+            return
+    os.unlink(part)
+
+
 class PartFile:
     """A body being written: ``commit`` renames it into place, ``abort`` removes it."""
 
@@ -154,10 +190,20 @@ class PartFile:
         await self._handle.write(chunk)
 
     async def commit(self, ext: str) -> str:
-        """Move the finished body to its final name; returns the path relative to OUTDIR."""
+        """Move the finished body to its final name; returns the path relative to OUTDIR.
+
+        Never replaces a file already there: raises NameTakenError instead, so two
+        URLs given the same name cannot overwrite each other.
+        """
         await self._close()
         relpath = self._stem + ext
-        await aiofiles.os.replace(self._part, os.path.join(self._root, relpath))
+        try:
+            await asyncio.to_thread(
+                _link_into_place, self._part, os.path.join(self._root, self._stem), ext
+            )
+        except FileExistsError:
+            await self.abort()
+            raise NameTakenError(relpath) from None
         return relpath
 
     async def abort(self) -> None:

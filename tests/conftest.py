@@ -67,7 +67,13 @@ def read_summary(outdir: Path) -> dict[str, Any]:
 def image_files(outdir: Path) -> list[Path]:
     """Files under OUTDIR that are downloads (not the run's own records)."""
     own = {"manifest.jsonl", "failures.txt", "summary.json"}
-    return sorted(p for p in outdir.rglob("*") if p.is_file() and p.name not in own)
+    return sorted(
+        p
+        for p in outdir.rglob("*")
+        if p.is_file()
+        and p.name not in own
+        and p.relative_to(outdir).parts[0] not in (".imgdl", "previous-runs")
+    )
 
 
 def write_list(path: Path, urls: list[str]) -> Path:

@@ -123,9 +123,19 @@ def test_exit_code_zero_and_rerun_skips_what_is_there(server: DevServer, tmp_pat
     assert len(server.requests) == before  # not one GET for an image already saved
     records = read_manifest(out)
     assert len(records) == 30
+    # the first run's records stand: the second run had nothing left to do
+    assert {r["status"] for r in records} == {"saved"}
+    assert all(r["sha256"] for r in records)
+    assert read_summary(out)["this_run"]["resumed_lines"] == 30
+    assert {p: p.stat().st_mtime_ns for p in image_files(out)} == mtimes
+    # with the manifest gone (another tool's folder), files on disk are still found by name
+    (out / "manifest.jsonl").unlink()
+    third = run_cli("fetch", str(listing), "-o", str(out), "--processes", "2")
+    assert third.returncode == 0, third.stderr
+    assert len(server.requests) == before
+    records = read_manifest(out)
     assert {(r["status"], r["reason"]) for r in records} == {("skipped", "skipped_exists")}
     assert all(r["path"] for r in records)
-    assert {p: p.stat().st_mtime_ns for p in image_files(out)} == mtimes
 
 
 def test_failures_file_feeds_back_in(tmp_path: Path) -> None:

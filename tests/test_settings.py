@@ -78,6 +78,7 @@ def test_unknown_config_key_names_key_and_file(tmp_path: Path) -> None:
         ("- a\n- b\n", "top level"),
         ("output:\n  name_template: '../{url_hash}'\n", "output.name_template"),
         ("output:\n  name_template: '{nope}'\n", "unknown field"),
+        ("output:\n  name_template: '{url_hash!r}'\n", "conversions"),
     ],
 )
 def test_bad_config_values_are_named(tmp_path: Path, text: str, expected: str) -> None:
@@ -106,6 +107,10 @@ def test_bad_flag_is_exit_2() -> None:
     result = run_cli("fetch", "-", "--concurrency", "zero", stdin=b"")
     assert result.returncode == 2
     assert "--concurrency" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    missing = run_cli("fetch")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("imgdl: error: Missing argument")
 
 
 def test_documented_default_file_matches_the_defaults() -> None:

@@ -1,0 +1,245 @@
+"""The run's state on disk, ``OUTDIR/.imgdl/``: what lets a killed run be finished.
+
+Layout::
+
+    .imgdl/run.json            the inputs of the job: name, size and sha256 of each
+    .imgdl/segments/N.jsonl    outcome records, append-only, one file per run
+    .imgdl/journal/*.jsonl     per-shard journals written by the workers
+    .imgdl/parts/<pid>/        bodies being downloaded
+    .imgdl/dedupe.sqlite       URLs seen in this run (see dedupe.py)
+
+How the manifest survives a crash: the parent appends every outcome to the
+current run's segment as soon as it has it (a shard's journal is copied there
+when the shard ends), and only at the end of a run merges all segments and the
+previous ``manifest.jsonl`` into a new manifest (``os.replace``, so a kill
+during the merge leaves the old one). A run killed with ``kill -9`` leaves its
+segment and the journals of the shards in flight; the next run folds those
+journals into a segment, reads every record, and does not do again a line
+whose newest record is saved or skipped and whose file is still there.
+
+Lines are matched by input name and line number, which is only sound if the
+input is the same list: ``run.json`` keeps each input's size and sha256, and a
+run whose inputs are not the same lists (or extend them: appending lines is
+fine) as the previous one's starts a new manifest and moves the old records to
+``OUTDIR/previous-runs/<time>/``. Standard input cannot be checked, so a run
+reading ``-`` always starts a new manifest (files already on disk are still
+found by name and not fetched again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from downloader.outcomes import Outcome, Status
+from downloader.sources import STDIN
+
+STATE_DIR = ".imgdl"
+ARCHIVE_DIR = "previous-runs"
+MANIFEST = "manifest.jsonl"
+FAILURES = "failures.txt"
+SUMMARY = "summary.json"
+_HASH_BLOCK = 1 << 20
+
+
+class LineSet:
+    """A set of (input, line) pairs in one bit per line: 10 million lines take 1.25 MB."""
+
+    def __init__(self) -> None:
+        self._bits: dict[str, bytearray] = {}
+
+    def add(self, key: tuple[str, int]) -> None:
+        label, line = key
+        bits = self._bits.setdefault(label, bytearray())
+        byte = line >> 3
+        if byte >= len(bits):
+            bits.extend(bytes(max(byte + 1 - len(bits), len(bits))))
+        bits[byte] |= 1 << (line & 7)
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        label, line = key
+        bits = self._bits.get(label)
+        byte = line >> 3
+        return bits is not None and byte < len(bits) and bool(bits[byte] & (1 << (line & 7)))
+
+    def __len__(self) -> int:
+        return sum(bin(b).count("1") for bits in self._bits.values() for b in bits)
+
+
+def _sha256(path: str, limit: int | None = None) -> str:
+    digest = hashlib.sha256()
+    remaining = limit
+    with open(path, "rb") as handle:
+        while remaining is None or remaining > 0:
+            block = handle.read(_HASH_BLOCK if remaining is None else min(_HASH_BLOCK, remaining))
+            if not block:
+                break
+            digest.update(block)
+            if remaining is not None:
+                remaining -= len(block)
+    return digest.hexdigest()
+
+
+def fingerprint(label: str) -> dict[str, Any] | None:
+    """Size and sha256 of an input file; None for standard input."""
+    if label == STDIN:
+        return None
+    return {"input": label, "size": os.path.getsize(label), "sha256": _sha256(label)}
+
+
+def _same_lists(previous: list[dict[str, Any]], labels: list[str]) -> bool:
+    """True if ``labels`` are the previous run's inputs, each the same list or an extension."""
+    if [p.get("input") for p in previous] != labels or STDIN in labels:
+        return False
+    for entry in previous:
+        label = entry["input"]
+        try:
+            size = os.path.getsize(label)
+            if size < entry["size"] or _sha256(label, entry["size"]) != entry["sha256"]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def read_records(path: Path) -> Iterator[Outcome]:
+    """Records of a segment, journal or manifest; a torn last line (a kill) is skipped."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    yield Outcome.from_json(line)
+                except (ValueError, TypeError, KeyError):
+                    continue
+    except FileNotFoundError:
+        return
+
+
+class RunState:
+    """Opens the state of OUTDIR for a run: recovers, decides what is done, appends records."""
+
+    def __init__(self, outdir: Path) -> None:
+        self.outdir = outdir
+        self.dir = outdir / STATE_DIR
+        self.journal_dir = self.dir / "journal"
+        self.segments_dir = self.dir / "segments"
+        self.parts_dir = self.dir / "parts"
+        self._segment: IO[str] | None = None
+        self.archived: Path | None = None
+
+    # -- start -----------------------------------------------------------------------
+
+    def open(self, labels: list[str]) -> LineSet:
+        """Prepare OUTDIR for a run over ``labels``; returns the lines already done."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Before anything moves: an input may be this folder's own failures.txt.
+        inputs = [fingerprint(label) or {"input": label} for label in labels]
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.segments_dir.mkdir(exist_ok=True)
+        self._recover_journals()
+        previous = self._read_run_json()
+        has_records = (self.outdir / MANIFEST).exists() or any(self.segments_dir.iterdir())
+        if has_records and previous is not None and _same_lists(previous, labels):
+            done = self._done_lines()
+        else:
+            if has_records:
+                self._archive()
+            done = LineSet()
+        self._write_run_json(inputs)
+        self.journal_dir.mkdir(exist_ok=True)
+        self._segment = open(self._new_segment(), "a", encoding="utf-8")  # noqa: SIM115
+        return done
+
+    def _new_segment(self) -> Path:
+        numbers = [int(p.stem) for p in self.segments_dir.glob("*.jsonl") if p.stem.isdigit()]
+        return self.segments_dir / f"{max(numbers, default=0) + 1:08d}.jsonl"
+
+    def _recover_journals(self) -> None:
+        """Journals left by a killed run hold finished outcomes: keep them in a segment."""
+        journals = sorted(self.journal_dir.glob("*.jsonl")) if self.journal_dir.exists() else []
+        if journals:
+            with open(self._new_segment(), "a", encoding="utf-8") as segment:
+                for journal in journals:
+                    for outcome in read_records(journal):
+                        segment.write(outcome.to_json() + "\n")
+        shutil.rmtree(self.journal_dir, ignore_errors=True)
+
+    def _read_run_json(self) -> list[dict[str, Any]] | None:
+        try:
+            data = json.loads((self.dir / "run.json").read_text(encoding="utf-8"))
+            inputs = data["inputs"]
+            return inputs if isinstance(inputs, list) else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write_run_json(self, inputs: list[dict[str, Any]]) -> None:
+        tmp = self.dir / "run.json.tmp"
+        tmp.write_text(json.dumps({"version": 1, "inputs": inputs}, indent=1), encoding="utf-8")
+        tmp.replace(self.dir / "run.json")
+
+    def _done_lines(self) -> LineSet:
+        """Lines whose newest record is saved or skipped, with the file still on disk."""
+        done, seen = LineSet(), LineSet()
+        for outcome in self.records():
+            key = (outcome.input, outcome.line)
+            if key in seen:
+                continue
+            seen.add(key)
+            if outcome.status is Status.FAILED:
+                continue
+            if outcome.path is None or (self.outdir / outcome.path).is_file():
+                done.add(key)
+        return done
+
+    def _archive(self) -> None:
+        """Records of a different job: merge them and move them aside, never delete them."""
+        from downloader.report import compact  # report depends on this module
+
+        compact(self, summary_extra={"archived": True})
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = self.outdir / ARCHIVE_DIR / stamp
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (MANIFEST, FAILURES, SUMMARY):
+            with contextlib.suppress(FileNotFoundError):
+                (self.outdir / name).replace(target / name)
+        self.archived = target
+
+    # -- during the run --------------------------------------------------------------
+
+    def append(self, outcome: Outcome) -> None:
+        assert self._segment is not None
+        self._segment.write(outcome.to_json() + "\n")
+
+    def flush(self) -> None:
+        if self._segment is not None:
+            self._segment.flush()
+
+    # -- the end -----------------------------------------------------------------------
+
+    def records(self) -> Iterator[Outcome]:
+        """Every record, newest first: segments from the last, then the old manifest."""
+        for segment in sorted(self.segments_dir.glob("*.jsonl"), reverse=True):
+            yield from read_records(segment)
+        yield from read_records(self.outdir / MANIFEST)
+
+    def close(self) -> None:
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+
+    def merged(self) -> None:
+        """The segments are in the manifest now: drop them and the scratch folders."""
+        self.close()
+        for path in self.segments_dir.glob("*.jsonl"):
+            path.unlink()
+        for folder in (self.journal_dir, self.parts_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / "dedupe.sqlite").unlink()

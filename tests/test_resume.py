@@ -1,0 +1,219 @@
+"""A run can be killed at any moment and finished by running the same command again."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from downloader.devserver import DevServer
+from tests.conftest import (
+    clean_env,
+    image_files,
+    read_manifest,
+    read_summary,
+    run_cli,
+    write_list,
+)
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+@pytest.mark.slow
+def test_kill_9_then_same_command_finishes_exactly_once(server: DevServer, tmp_path: Path) -> None:
+    urls = [f"{server.url}/slow/30/{n}" for n in range(600)]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "downloader",
+        "fetch",
+        str(listing),
+        "-o",
+        str(out),
+        "--processes",
+        "2",
+        "--shard-size",
+        "50",
+        "--concurrency",
+        "8",
+    ]
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=clean_env(),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(server.requests) < 250 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in _tree(proc.pid):  # the parent and every worker, at once
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    first_requests = len(server.requests)
+    assert 250 <= first_requests < 600
+    saved_by_first = {p.relative_to(out) for p in image_files(out)}
+    assert saved_by_first
+
+    again = run_cli(
+        "fetch",
+        str(listing),
+        "-o",
+        str(out),
+        "--processes",
+        "2",
+        "--shard-size",
+        "50",
+        "--concurrency",
+        "8",
+    )
+    assert again.returncode == 0, again.stderr
+    records = read_manifest(out)
+    assert len(records) == 600
+    assert sorted(r["line"] for r in records) == list(range(1, 601))
+    # The first run's records survived. Only an image whose worker was killed between
+    # its rename and its journal line (at most one per download in flight) is
+    # found on disk instead: skipped_exists, still exactly one record.
+    skipped = [r for r in records if r["status"] != "saved"]
+    assert {(r["status"], r["reason"]) for r in skipped} <= {("skipped", "skipped_exists")}
+    assert len(skipped) <= 16
+    files = image_files(out)
+    assert len(files) == 600  # every image exactly once
+    by_path = {r["path"]: r for r in records}
+    for path in files:
+        record = by_path[path.relative_to(out).as_posix()]
+        n = int(record["url"].rsplit("/", 1)[1])
+        assert path.read_bytes() == server.image(n)[0]
+        if record["status"] == "saved":
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
+    assert not list(out.rglob("*.part"))
+    # the second run did not fetch again what the first had saved
+    refetched = len(server.requests) - first_requests
+    assert refetched <= 600 - len(saved_by_first)
+    summary = read_summary(out)
+    assert summary["this_run"]["resumed_lines"] >= len(saved_by_first) - 20
+
+
+def test_failures_file_fed_back_into_the_same_folder(server: DevServer, tmp_path: Path) -> None:
+    urls = [f"{server.url}/status/404/{n}" for n in range(1500)]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    first = run_cli("fetch", str(listing), "-o", str(out), "--processes", "2")
+    assert first.returncode == 1
+    assert len((out / "failures.txt").read_text().split()) == 1500
+    again = run_cli("fetch", str(out / "failures.txt"), "-o", str(out), "--processes", "2")
+    assert again.returncode == 1
+    records = read_manifest(out)
+    assert len(records) == 1500
+    assert {r["input"] for r in records} == {str(out / "failures.txt")}
+    assert len((out / "failures.txt").read_text().split()) == 1500
+    # the first run's records were moved aside, not lost
+    (archive,) = (out / "previous-runs").iterdir()
+    assert len(read_manifest(archive)) == 1500
+
+
+def test_same_list_again_retries_only_what_failed(tmp_path: Path) -> None:
+    with DevServer() as probe:
+        port = probe.port
+    good = [f"http://127.0.0.1:{port}/i/{n}.jpg" for n in range(10)]
+    listing = write_list(tmp_path / "u.txt", good)
+    out = tmp_path / "out"
+    with DevServer(port=port) as srv:
+        first = run_cli("fetch", str(listing), "-o", str(out))
+        assert first.returncode == 0
+    assert len(srv.requests) == 10
+    listing.write_text(listing.read_text() + f"http://127.0.0.1:{port}/i/99.jpg\n")  # appended
+    down = run_cli("fetch", str(listing), "-o", str(out))  # server down: line 11 fails
+    assert down.returncode == 1
+    assert read_summary(out)["this_run"]["resumed_lines"] == 10
+    with DevServer(port=port) as srv:
+        last = run_cli("fetch", str(listing), "-o", str(out))
+    assert last.returncode == 0, last.stderr
+    assert [p for _, _, p in srv.requests] == ["/i/99.jpg"]
+    assert len(read_manifest(out)) == 11
+    assert not (out / "previous-runs").exists()
+
+
+def test_a_changed_list_starts_a_new_manifest(server: DevServer, tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/i/{n}.jpg" for n in range(5)])
+    out = tmp_path / "out"
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 0
+    write_list(listing, [f"{server.url}/i/{n}.jpg" for n in range(100, 103)])  # edited
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 0
+    records = read_manifest(out)
+    assert sorted(r["url"].rsplit("/", 1)[1] for r in records) == ["100.jpg", "101.jpg", "102.jpg"]
+    (archive,) = (out / "previous-runs").iterdir()
+    assert len(read_manifest(archive)) == 5
+
+
+def test_deleted_image_is_fetched_again(server: DevServer, tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/i/{n}.jpg" for n in range(4)])
+    out = tmp_path / "out"
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 0
+    victim = image_files(out)[0]
+    victim.unlink()
+    before = len(server.requests)
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 0
+    assert len(server.requests) == before + 1
+    assert victim.is_file()
+
+
+def test_cut_gzip_input_keeps_what_was_read(server: DevServer, tmp_path: Path) -> None:
+    text = "".join(f"{server.url}/i/{n}.jpg\n" for n in range(3000))
+    listing = tmp_path / "u.txt.gz"
+    listing.write_bytes(gzip.compress(text.encode())[:6000])
+    out = tmp_path / "out"
+    result = run_cli("fetch", str(listing), "-o", str(out), "--processes", "2")
+    assert result.returncode == 1, result.stderr
+    assert "input error" in result.stderr and "Traceback" not in result.stderr
+    summary = read_summary(out)
+    assert summary["input_errors"] and summary["lines"] == summary["lines_read"] > 100
+    assert len(read_manifest(out)) == summary["lines"]
+
+
+def test_two_lines_with_one_name_never_overwrite(server: DevServer, tmp_path: Path) -> None:
+    listing = tmp_path / "n.csv"
+    listing.write_text(
+        "url,name\n"
+        + "".join(f"{server.url}/slow/100/{n},same\n" for n in (0, 4, 8))
+        + f"{server.url}/i/0.jpg,.imgdl/parts/zz\n"
+    )
+    out = tmp_path / "out"
+    result = run_cli("fetch", str(listing), "-o", str(out), "--name-column", "name")
+    assert result.returncode == 1
+    records = {r["line"]: r for r in read_manifest(out)}
+    same = [records[line] for line in (2, 3, 4)]
+    assert sorted(r["status"] for r in same) == ["failed", "failed", "saved"]
+    assert {r["reason"] for r in same if r["status"] == "failed"} == {"name_collision"}
+    winner = next(r for r in same if r["status"] == "saved")
+    assert hashlib.sha256((out / "same.jpg").read_bytes()).hexdigest() == winner["sha256"]
+    assert records[5]["reason"] == "invalid_name"
+    assert [p.name for p in image_files(out)] == ["same.jpg"]
