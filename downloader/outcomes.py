@@ -89,6 +89,7 @@ class Outcome:
     attempts: int = 0
     elapsed_ms: int = 0
     error: str | None = None
+    duplicate_of: str | None = None
 
     @classmethod
     def saved(cls, job: Job, **fields: Any) -> Outcome:
@@ -105,12 +106,19 @@ class Outcome:
             **fields,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, separators=(",", ":"))
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, line: str) -> Outcome:
-        raw = json.loads(line)
+    def from_dict(cls, raw: dict[str, Any]) -> Outcome:
+        raw = dict(raw)
         raw["status"] = Status(raw["status"])
         raw["reason"] = Reason(raw["reason"]) if raw.get("reason") else None
         return cls(**raw)
+
+    @classmethod
+    def from_json(cls, line: str) -> Outcome:
+        return cls.from_dict(json.loads(line))

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from downloader.dedupe import Duplicates
 from downloader.outcomes import REFETCHABLE, Job, Outcome, Reason, Status
 from downloader.state import FAILURES, MANIFEST, SUMMARY, LineSet, RunState
 
@@ -114,6 +115,7 @@ class RunReport:
         self.this_run: Counter[str] = Counter()
         self.saved_now = 0
         self.recorded = 0
+        self.duplicates: Duplicates | None = None
 
     def record(self, outcome: Outcome) -> None:
         self.state.append(outcome)
@@ -135,6 +137,8 @@ class RunReport:
             if outcome is None:
                 outcome = Outcome.not_saved(job, missing, error=error)
             self.record(outcome)
+            if self.duplicates is not None:
+                self.duplicates.finished(outcome)
         self.state.flush()
 
     def finish(
@@ -146,6 +150,8 @@ class RunReport:
         input_errors: list[str],
     ) -> dict[str, Any]:
         """Merge the records, write ``summary.json``; returns the summary."""
+        if self.duplicates is not None:
+            self.duplicates.close()
         self.state.close()
         totals = compact(self.state)
         elapsed = time.monotonic() - self.started

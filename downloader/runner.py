@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from downloader import sharding
+from downloader.dedupe import Duplicates
 from downloader.errors import ImgdlError
 from downloader.limits import SharedLimits
 from downloader.outcomes import Job, Outcome, Reason
@@ -46,9 +47,12 @@ POLL_SECONDS = 0.2
 class _Lines:
     """The input stream as the parent sees it: counted, with lines done earlier left out."""
 
-    def __init__(self, items: Iterator[Job | Outcome], done: LineSet) -> None:
+    def __init__(
+        self, items: Iterator[Job | Outcome], done: LineSet, duplicates: Duplicates
+    ) -> None:
         self._items = items
         self._done = done
+        self._duplicates = duplicates
         self.count = 0
         self.carried = 0
         self.exhausted = False
@@ -58,6 +62,8 @@ class _Lines:
             self.count += 1
             if (item.input, item.line) in self._done:
                 self.carried += 1
+                continue
+            if isinstance(item, Job) and not self._duplicates.admit(item):
                 continue
             yield item
         self.exhausted = True
@@ -110,7 +116,8 @@ class Runner:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
-        lines = _Lines(read_all(self.inputs), done)
+        report.duplicates = Duplicates(self.state.dir / "dedupe.sqlite", report.record)
+        lines = _Lines(read_all(self.inputs), done, report.duplicates)
         log.info(
             "run started",
             inputs=[i.label for i in self.inputs],

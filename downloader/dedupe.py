@@ -1,0 +1,130 @@
+"""The same URL twice in one run is fetched once; later lines become ``duplicate``.
+
+The set of URLs seen lives in a SQLite file in ``OUTDIR/.imgdl`` (128 bits of
+the URL's sha256 per row), not in memory: a 10-million-line list costs a few
+hundred MB of disk and a bounded page cache, whatever its length. A duplicate
+line is recorded when the outcome of the first line with its URL is known: at
+once if it is known already, else when that line's shard is merged. It then
+points at the first line (``duplicate_of``) and, if the first was saved, at its
+file (``path``). If the first failed, the duplicate fails with the same reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from downloader.outcomes import Job, Outcome, Reason, Status
+from downloader.state import LineSet
+
+_COMMIT_EVERY = 10_000
+_CACHE_KIB = 16 * 1024
+
+
+def _keys(url: str) -> tuple[int, int]:
+    digest = hashlib.sha256(url.encode("utf-8", "surrogatepass")).digest()
+    return (
+        int.from_bytes(digest[:8], "big", signed=True),
+        int.from_bytes(digest[8:16], "big", signed=True),
+    )
+
+
+def resolve(job: Job, first: Outcome) -> Outcome:
+    """The outcome of ``job``, a later line with the same URL as the line of ``first``."""
+    where = f"{first.input}:{first.line}"
+    if first.status is Status.FAILED:
+        return Outcome.not_saved(
+            job,
+            first.reason or Reason.INTERNAL_ERROR,
+            http_status=first.http_status,
+            error=f"same URL as {where}, which failed: {first.error or first.reason}",
+            duplicate_of=where,
+        )
+    return Outcome.not_saved(job, Reason.DUPLICATE, path=first.path, duplicate_of=where)
+
+
+class Duplicates:
+    """Decides, line by line, whether a job is the first of its URL in this run."""
+
+    def __init__(self, path: Path, record: Callable[[Outcome], None]) -> None:
+        path.unlink(missing_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.executescript(
+            f"""
+            PRAGMA journal_mode = OFF;
+            PRAGMA synchronous = OFF;
+            PRAGMA cache_size = -{_CACHE_KIB};
+            CREATE TABLE first (
+                h INTEGER PRIMARY KEY, h2 INTEGER NOT NULL, outcome TEXT
+            );
+            CREATE TABLE waiting (h INTEGER NOT NULL, job TEXT NOT NULL);
+            CREATE INDEX waiting_h ON waiting (h);
+            BEGIN;
+            """
+        )
+        self._record = record
+        self._ops = 0
+        self._waited_on = LineSet()
+        self.found = 0
+
+    def _tick(self) -> None:
+        self._ops += 1
+        if self._ops >= _COMMIT_EVERY:
+            self._db.execute("COMMIT")
+            self._db.execute("BEGIN")
+            self._ops = 0
+
+    def admit(self, job: Job) -> bool:
+        """True if the job is to be fetched; False if it is a duplicate (recorded here or later)."""
+        h, h2 = _keys(job.url)
+        self._tick()
+        inserted = self._db.execute(
+            "INSERT OR IGNORE INTO first (h, h2, outcome) VALUES (?, ?, ?)",
+            (h, h2, json.dumps([job.input, job.line])),
+        ).rowcount
+        if inserted:
+            return True
+        stored_h2, stored = self._db.execute(
+            "SELECT h2, outcome FROM first WHERE h = ?", (h,)
+        ).fetchone()
+        if stored_h2 != h2:  # two URLs share 64 bits: fetch it, names differ anyway
+            return True
+        self.found += 1
+        value = json.loads(stored)
+        if isinstance(value, dict):  # the first line's outcome is known
+            self._record(resolve(job, Outcome.from_dict(value)))
+        else:
+            self._db.execute(
+                "INSERT INTO waiting (h, job) VALUES (?, ?)",
+                (h, json.dumps([job.url, job.input, job.line, job.name])),
+            )
+            self._waited_on.add((value[0], value[1]))
+        return False
+
+    def finished(self, outcome: Outcome) -> None:
+        """A fetched line's outcome: remember it, and record the duplicates waiting for it."""
+        h, h2 = _keys(outcome.url)
+        self._tick()
+        self._db.execute(
+            "UPDATE first SET outcome = ? WHERE h = ? AND h2 = ?",
+            (json.dumps(outcome.to_dict()), h, h2),
+        )
+        if (outcome.input, outcome.line) not in self._waited_on:
+            return
+        rows = self._db.execute("SELECT job FROM waiting WHERE h = ?", (h,)).fetchall()
+        for (raw,) in rows:
+            url, label, line, name = json.loads(raw)
+            self._record(resolve(Job(url=url, input=label, line=line, name=name), outcome))
+        self._db.execute("DELETE FROM waiting WHERE h = ?", (h,))
+
+    def close(self) -> None:
+        """Duplicates whose first line never got an outcome (a stopped run) are interrupted."""
+        for (raw,) in self._db.execute("SELECT job FROM waiting").fetchall():
+            url, label, line, name = json.loads(raw)
+            job = Job(url=url, input=label, line=line, name=name)
+            self._record(Outcome.not_saved(job, Reason.INTERRUPTED, error="first line not done"))
+        self._db.execute("COMMIT")
+        self._db.close()

@@ -1,0 +1,45 @@
+"""The same URL twice in a run is fetched once; the later lines point at the first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from downloader.devserver import DevServer
+from tests.conftest import image_files, read_manifest, read_summary, run_cli, write_list
+
+
+def test_duplicates_across_inputs_fetched_once(server: DevServer, tmp_path: Path) -> None:
+    a = write_list(tmp_path / "a.txt", [f"{server.url}/i/{n}.jpg" for n in range(20)])
+    b = write_list(
+        tmp_path / "b.txt",
+        [f"{server.url}/i/{n}.jpg" for n in range(10, 30)] + [f"{server.url}/i/3.jpg"] * 5,
+    )
+    out = tmp_path / "out"
+    result = run_cli(
+        "fetch", str(a), str(b), "-o", str(out), "--processes", "2", "--shard-size", "7"
+    )
+    assert result.returncode == 0, result.stderr
+    paths = [p for _, _, p in server.requests]
+    assert sorted(paths) == sorted({f"/i/{n}.jpg" for n in range(30)})  # each URL once
+    records = read_manifest(out)
+    assert len(records) == 45
+    dups = [r for r in records if r["reason"] == "duplicate"]
+    assert len(dups) == 15
+    firsts = {(r["input"], r["line"]): r for r in records if r["status"] == "saved"}
+    for dup in dups:
+        label, line = dup["duplicate_of"].rsplit(":", 1)
+        first = firsts[(label, int(line))]
+        assert first["url"] == dup["url"] and first["path"] == dup["path"]
+        assert dup["status"] == "skipped"
+    assert len(image_files(out)) == 30
+    assert read_summary(out)["by_reason"] == {"duplicate": 15}
+
+
+def test_duplicate_of_a_failed_url_fails_the_same_way(server: DevServer, tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/status/404/1"] * 3)
+    out = tmp_path / "out"
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 1
+    records = sorted(read_manifest(out), key=lambda r: r["line"])
+    assert [r["reason"] for r in records] == ["http_error"] * 3
+    assert [r["duplicate_of"] for r in records] == [None, f"{listing}:1", f"{listing}:1"]
+    assert len(server.requests) == 1
