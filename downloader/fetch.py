@@ -58,6 +58,8 @@ def classify(exc: BaseException) -> tuple[Reason, str]:
         return Reason.TIMEOUT, message if str(exc) else "timed out"
     if isinstance(exc, aiohttp.TooManyRedirects):
         return Reason.TOO_MANY_REDIRECTS, message
+    if isinstance(exc, aiohttp.RedirectClientError):  # e.g. a malformed Location
+        return Reason.PROTOCOL_ERROR, message
     if isinstance(exc, aiohttp.InvalidURL):
         return Reason.INVALID_URL, message
     if isinstance(exc, aiohttp.ClientPayloadError):

@@ -110,7 +110,14 @@ class Outcome:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        """One JSON line; strings keep their letters unless they hold undecodable bytes."""
+        record = self.to_dict()
+        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # e.g. a Latin-1 reason phrase kept as surrogates
+            text = json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+        return text
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Outcome:

@@ -33,8 +33,8 @@ from downloader.limits import SharedLimits
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport
 from downloader.settings import Settings
-from downloader.sharding import Shard
-from downloader.sources import InputList, read_all
+from downloader.sharding import Shard, Tick
+from downloader.sources import InputList, read_in_background
 from downloader.state import LineSet, RunState, read_records
 from downloader.telemetry import get_logger
 from downloader.worker import ShardResult, WorkerContext, init_worker, run_shard
@@ -42,13 +42,14 @@ from downloader.worker import ShardResult, WorkerContext, init_worker, run_shard
 log = get_logger()
 #: How often the parent wakes up to notice a signal while waiting on workers.
 POLL_SECONDS = 0.2
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class _Lines:
     """The input stream as the parent sees it: counted, with lines done earlier left out."""
 
     def __init__(
-        self, items: Iterator[Job | Outcome], done: LineSet, duplicates: Duplicates
+        self, items: Iterator[Job | Outcome | Tick], done: LineSet, duplicates: Duplicates
     ) -> None:
         self._items = items
         self._done = done
@@ -57,8 +58,11 @@ class _Lines:
         self.carried = 0
         self.exhausted = False
 
-    def __iter__(self) -> Iterator[Job | Outcome]:
+    def __iter__(self) -> Iterator[Job | Outcome | Tick]:
         for item in self._items:
+            if isinstance(item, Tick):
+                yield item
+                continue
             self.count += 1
             if (item.input, item.line) in self._done:
                 self.carried += 1
@@ -79,6 +83,7 @@ class Runner:
         self._stop = self._mp.Event()
         self._limits = SharedLimits.create(self._mp)
         self._signal_exit: int | None = None
+        self._reader_errors: list[str] = []
 
     # -- signals -------------------------------------------------------------
 
@@ -117,7 +122,10 @@ class Runner:
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
         report.duplicates = Duplicates(self.state.dir / "dedupe.sqlite", report.record)
-        lines = _Lines(read_all(self.inputs), done, report.duplicates)
+        reader = read_in_background(
+            self.inputs, buffered=2 * self.settings.run.shard_size, poll=POLL_SECONDS
+        )
+        lines = _Lines(reader, done, report.duplicates)
         log.info(
             "run started",
             inputs=[i.label for i in self.inputs],
@@ -128,18 +136,28 @@ class Runner:
         )
         try:
             shards = sharding.cut(
-                lines, self.settings.run.shard_size, self.state.journal_dir, report.record
+                lines,
+                self.settings.run.shard_size,
+                self.state.journal_dir,
+                report.record,
+                linger=self.settings.run.shard_linger,
             )
             self._drive(shards, report)
+            input_errors = [i.error for i in self.inputs if i.error] + self._reader_errors
+            summary = report.finish(
+                self._signal_exit, lines.count, lines.carried, lines.exhausted, input_errors
+            )
+        except OSError as exc:  # our own records cannot be written: disk full, gone
+            raise ImgdlError(
+                f"cannot write the run's records in {self.outdir}: {exc.strerror or exc}; "
+                "free the space and run the same command again to finish"
+            ) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             for item in self.inputs:
                 item.close()
-        input_errors = [i.error for i in self.inputs if i.error]
-        summary = report.finish(
-            self._signal_exit, lines.count, lines.carried, lines.exhausted, input_errors
-        )
+            self.state.unlock()
         log.info(
             "run finished",
             exit_code=summary["exit_code"],
@@ -155,7 +173,11 @@ class Runner:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         context = WorkerContext(
-            settings=self.settings, outdir=self.outdir, stop=self._stop, limits=self._limits
+            settings=self.settings,
+            outdir=self.outdir,
+            stop=self._stop,
+            limits=self._limits,
+            parent_pid=os.getpid(),
         )
         return ProcessPoolExecutor(
             max_workers=self.settings.processes,
@@ -164,20 +186,47 @@ class Runner:
             initargs=(context,),
         )
 
-    def _drive(self, shards: Iterator[Shard], report: RunReport) -> None:
+    def _next_shard(self, shards: Iterator[Shard | None]) -> Shard | bool | None:
+        """The next shard; None if none is ready yet; False once the input is over."""
+        try:
+            return next(shards, False)
+        except Exception as exc:  # a bug while reading: stop reading, finish what runs
+            log.error("reading the input failed", error=repr(exc))
+            self._reader_errors.append(f"reading the input failed: {exc!r}")
+            return False
+
+    def _submit(self, pool: ProcessPoolExecutor, shard: Shard) -> Future[ShardResult]:
+        """Submit with SIGINT/SIGTERM blocked: a worker this starts inherits the mask and
+        ignores both before it unblocks them, so a Ctrl-C cannot hit it mid-start-up."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return pool.submit(run_shard, shard)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _drive(self, shards: Iterator[Shard | None], report: RunReport) -> None:
         original: dict[int, Shard] = {}
         inflight: dict[Future[ShardResult], Shard] = {}
+        reading = True
         pool = self._new_pool()
         try:
             while True:
-                while self._signal_exit is None and len(inflight) < self.settings.shards_in_flight:
-                    shard = next(shards, None)
-                    if shard is None:
+                while (
+                    reading
+                    and self._signal_exit is None
+                    and len(inflight) < self.settings.shards_in_flight
+                ):
+                    shard = self._next_shard(shards)
+                    if shard is False:
+                        reading = False
+                    if not isinstance(shard, Shard):
                         break
                     original[shard.shard_id] = shard
-                    inflight[pool.submit(run_shard, shard)] = shard
-                if not inflight:
+                    inflight[self._submit(pool, shard)] = shard
+                if not inflight and (not reading or self._signal_exit is not None):
                     return
+                if not inflight:
+                    continue  # the input is slow: nothing to wait for yet
                 done, _ = wait(inflight, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
                 broken = False
                 for future in done:
@@ -188,7 +237,7 @@ class Runner:
                         broken = True
                         inflight[future] = shard  # handled with the others below
                         continue
-                    except Exception as exc:  # a bug in the worker: account, go on
+                    except Exception as exc:  # the worker failed (journal unwritable, a bug)
                         log.error("shard failed", shard=shard.shard_id, error=repr(exc))
                         self._close_shard(
                             original.pop(shard.shard_id),
@@ -210,12 +259,19 @@ class Runner:
                         "no outcome recorded by the worker",
                     )
                 if broken:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    self._limits.reset_connections()
-                    pool = self._new_pool()
+                    pool = self._rebuild(pool)
                     inflight = self._resubmit(pool, inflight, original, report)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _rebuild(self, pool: ProcessPoolExecutor) -> ProcessPoolExecutor:
+        """A worker died: end the survivors now (they ignore the pool's SIGTERM and would
+        finish their shards first), and start a new pool."""
+        for process in multiprocessing.active_children():
+            process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        self._limits.reset_connections()
+        return self._new_pool()
 
     def _resubmit(
         self,
@@ -227,6 +283,9 @@ class Runner:
         """After a worker died: retry every shard that was in flight, or give up on it."""
         again: dict[Future[ShardResult], Shard] = {}
         for shard in inflight.values():
+            if not shard.journal.exists():  # never started: not its fault, same attempt
+                again[self._submit(pool, shard)] = shard
+                continue
             journaled = _journaled(shard.journal)
             remaining = tuple(j for j in shard.jobs if (j.input, j.line) not in journaled)
             if (
@@ -241,7 +300,7 @@ class Runner:
                     remaining=len(remaining),
                 )
                 retry = shard.retry(remaining)
-                again[pool.submit(run_shard, retry)] = retry
+                again[self._submit(pool, retry)] = retry
                 continue
             reason = Reason.INTERRUPTED if self._signal_exit else Reason.WORKER_CRASHED
             log.error(

@@ -29,7 +29,9 @@ DEFAULT_USER_AGENT = f"imgdl/{__version__} (+https://github.com/imgdl/imgdl)"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 class InputSettings(_Section):
@@ -48,6 +50,7 @@ class RunSettings(_Section):
     shard_size: int = Field(1000, ge=1, le=1_000_000)
     shards_in_flight: int | None = Field(None, ge=1, le=10_000)
     shard_attempts: int = Field(2, ge=1, le=10)
+    shard_linger: float = Field(2.0, gt=0)
     grace_period: float = Field(20.0, ge=0)
 
 

@@ -15,15 +15,19 @@ import gzip
 import io
 import itertools
 import json
+import queue
 import sys
+import threading
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from downloader.errors import InputError
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.settings import InputSettings
+from downloader.sharding import TICK, Tick
 
 STDIN = "-"
 _SUFFIX_FORMATS = {
@@ -38,6 +42,8 @@ _SUFFIX_FORMATS = {
     ".json": "jsonl",
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+#: Longest input line read; a longer one is an invalid line, skipped to its end.
+MAX_LINE_BYTES = 1 << 20
 
 
 class InvalidUrl(ValueError):
@@ -73,6 +79,32 @@ class _Line:
     error: str | None = None
 
 
+class _Prefixed(io.RawIOBase):
+    """A stream with bytes already read put back in front of it."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        self._head = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._rest.read1(len(buffer)) if hasattr(self._rest, "read1") else b""
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self._rest is not sys.stdin.buffer:
+            self._rest.close()
+        super().close()
+
+
 def _open_binary(path: str) -> IO[bytes]:
     if path == STDIN:
         raw: IO[bytes] = sys.stdin.buffer
@@ -81,24 +113,47 @@ def _open_binary(path: str) -> IO[bytes]:
             raw = open(path, "rb")  # noqa: SIM115
         except OSError as exc:
             raise InputError(f"cannot open input {path}: {exc.strerror or exc}") from None
-    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[type-var]
-    if buffered.peek(2)[:2] == _GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
-    return buffered
+    try:
+        head = b""
+        while len(head) < 2:  # a pipe may hand over one byte at a time
+            more = raw.read(2 - len(head))
+            if not more:
+                break
+            head += more
+    except OSError as exc:
+        raise InputError(f"cannot read input {path}: {exc.strerror or exc}") from None
+    stream = io.BufferedReader(_Prefixed(head, raw))
+    if head == _GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
+    return stream
+
+
+def _skip_rest_of_line(stream: IO[bytes]) -> None:
+    while True:
+        rest = stream.readline(MAX_LINE_BYTES)
+        if not rest or rest.endswith(b"\n"):
+            return
 
 
 def _lines(stream: IO[bytes], label: str) -> Iterator[_Line]:
     number = 0
     try:
-        for raw in stream:
+        while True:
+            raw = stream.readline(MAX_LINE_BYTES)
+            if not raw:
+                return
             number += 1
+            if len(raw) == MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                _skip_rest_of_line(stream)
+                yield _Line(number, None, f"line is longer than {MAX_LINE_BYTES} bytes")
+                continue
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:
                 yield _Line(number, raw.decode("utf-8").rstrip("\r\n"))
             except UnicodeDecodeError:
                 yield _Line(number, None, "line is not valid UTF-8")
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputError(f"{label}: read failed after line {number}: {exc}") from None
 
 
@@ -115,8 +170,10 @@ def _format_of(path: str, first: str | None, settings: InputSettings) -> str:
     if sample.startswith("{"):
         return "jsonl"
     for delimiter, candidate in (("\t", "tsv"), (",", "csv")):
-        if delimiter in sample and settings.url_column in sample.split(delimiter):
-            return candidate
+        if delimiter in sample:
+            cells = next(csv.reader([sample], delimiter=delimiter), [])
+            if settings.url_column in (c.strip() for c in cells):
+                return candidate
     return "txt"
 
 
@@ -132,6 +189,11 @@ class InputList:
         first = self._first_meaningful()
         self.format = _format_of(path, first.text if first else None, settings)
         self._pending: list[_Line] = [first] if first else []
+        if self.format == "jsonl" and first is not None and (first.text or "").lstrip()[:1] == "[":
+            self.close()
+            raise InputError(
+                f"{path} holds a JSON array; imgdl reads JSON Lines (one object a line)"
+            )
         self._header: list[str] = []
         #: Set when the input broke off mid-way (a cut gzip stream, an I/O error).
         self.error: str | None = None
@@ -253,3 +315,37 @@ def open_inputs(paths: Iterable[str], settings: InputSettings) -> list[InputList
 def read_all(inputs: Iterable[InputList]) -> Iterator[Job | Outcome]:
     for item in inputs:
         yield from item
+
+
+def read_in_background(
+    inputs: Iterable[InputList], buffered: int, poll: float
+) -> Iterator[Job | Outcome | Tick]:
+    """``read_all`` in a thread, so that the caller never blocks on a slow input.
+
+    Yields ``TICK`` whenever nothing new arrived for ``poll`` seconds. At most
+    ``buffered`` items wait in between. A blocking read on a pipe cannot be
+    interrupted; the thread is a daemon, so it never holds the process up.
+    """
+    pipe: queue.Queue[Job | Outcome | BaseException | None] = queue.Queue(maxsize=buffered)
+
+    def read() -> None:
+        try:
+            for item in read_all(inputs):
+                pipe.put(item)
+        except BaseException as exc:  # handed over; raised in the caller's thread
+            pipe.put(exc)
+        finally:
+            pipe.put(None)
+
+    threading.Thread(target=read, name="imgdl-reader", daemon=True).start()
+    while True:
+        try:
+            item = pipe.get(timeout=poll)
+        except queue.Empty:
+            yield TICK
+            continue
+        if item is None:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

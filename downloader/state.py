@@ -29,6 +29,7 @@ found by name and not fetched again).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from downloader.errors import ImgdlError
 from downloader.outcomes import Outcome, Status
 from downloader.sources import STDIN
 
@@ -133,12 +135,14 @@ class RunState:
         self.parts_dir = self.dir / "parts"
         self._segment: IO[str] | None = None
         self.archived: Path | None = None
+        self._lock_file: IO[str] | None = None
 
     # -- start -----------------------------------------------------------------------
 
     def open(self, labels: list[str]) -> LineSet:
         """Prepare OUTDIR for a run over ``labels``; returns the lines already done."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
         # Before anything moves: an input may be this folder's own failures.txt.
         inputs = [fingerprint(label) or {"input": label} for label in labels]
         shutil.rmtree(self.parts_dir, ignore_errors=True)
@@ -156,6 +160,22 @@ class RunState:
         self.journal_dir.mkdir(exist_ok=True)
         self._segment = open(self._new_segment(), "a", encoding="utf-8")  # noqa: SIM115
         return done
+
+    def _lock(self) -> None:
+        """One run per OUTDIR at a time: a second one would delete the first one's state."""
+        self._lock_file = open(self.dir / "lock", "a")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise ImgdlError(
+                f"another imgdl run is using the output folder {self.outdir}"
+            ) from None
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def _new_segment(self) -> Path:
         numbers = [int(p.stem) for p in self.segments_dir.glob("*.jsonl") if p.stem.isdigit()]

@@ -41,6 +41,7 @@ class WorkerContext:
     outdir: Path
     stop: MpEvent
     limits: SharedLimits
+    parent_pid: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,6 +63,8 @@ def init_worker(context: WorkerContext) -> None:
     global _context
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The parent blocked both while starting us (see Runner._submit); ignored now, unblock.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _context = context
     configure_logging(context.settings.log.level, context.settings.log.format)
 
@@ -69,6 +72,10 @@ def init_worker(context: WorkerContext) -> None:
 def run_shard(shard: Shard) -> ShardResult:
     assert _context is not None, "init_worker was not run in this process"
     return asyncio.run(_ShardRun(_context, shard).run())
+
+
+class JournalError(Exception):
+    """The shard's journal cannot be written (disk full): the shard cannot go on."""
 
 
 class _Journal:
@@ -83,10 +90,13 @@ class _Journal:
         key = (outcome.input, outcome.line)
         if key in self.done:
             return
+        try:
+            self._file.write(outcome.to_json() + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise JournalError(f"cannot write the shard journal: {exc}") from exc
         self.done.add(key)
         self.counts[str(outcome.reason or outcome.status)] += 1
-        self._file.write(outcome.to_json() + "\n")
-        self._file.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -138,7 +148,8 @@ class _ShardRun:
             connector=connector,
             timeout=timeout,
             auto_decompress=False,
-            headers={"User-Agent": http.user_agent},
+            # identity: we keep bodies as served, so a compressed one would be useless
+            headers={"User-Agent": http.user_agent, "Accept-Encoding": "identity"},
             max_line_size=16 * 1024,
             max_field_size=16 * 1024,
         ) as session:
@@ -155,15 +166,21 @@ class _ShardRun:
                 for _ in range(consumers_n)
             ]
             grace = asyncio.create_task(self._enforce_grace([*consumers, producer]))
-            for finished in asyncio.as_completed([producer, *consumers]):
-                try:
-                    await finished
-                except asyncio.CancelledError:
-                    pass
-                except Exception as exc:  # a consumer bug: its job is accounted below
-                    self.log.error("task failed", error=repr(exc))
-            watcher.cancel()
-            grace.cancel()
+            tasks = [producer, *consumers]
+            try:
+                for finished in asyncio.as_completed(tasks):
+                    try:
+                        await finished
+                    except asyncio.CancelledError:
+                        pass
+                    except JournalError:
+                        raise
+                    except Exception as exc:  # a bug: the task's job is accounted below
+                        self.log.error("task failed", error=repr(exc))
+            finally:
+                for task in [*tasks, watcher, grace]:
+                    task.cancel()
+                await asyncio.gather(*tasks, watcher, grace, return_exceptions=True)
         # Whatever did not get an outcome (cancelled in the grace period, a bug):
         reason = Reason.INTERRUPTED if self.stopping.is_set() else Reason.INTERNAL_ERROR
         for job in self.shard.jobs:
@@ -171,7 +188,11 @@ class _ShardRun:
                 journal.write(Outcome.not_saved(job, reason, error="no outcome recorded"))
 
     async def _watch_stop(self) -> None:
+        """Stop when the parent says so, or when the parent is gone (killed with SIGKILL)."""
         while not self.context.stop.is_set():
+            if os.getppid() != self.context.parent_pid:
+                self.log.warning("parent process is gone; stopping")
+                break
             await asyncio.sleep(STOP_POLL_SECONDS)
         self.log.info("stop requested; finishing downloads in flight")
         self.stopping.set()
@@ -196,19 +217,20 @@ class _ShardRun:
     async def _consume(
         self, queue: asyncio.Queue[Job | None], fetcher: Fetcher, journal: _Journal
     ) -> None:
+        """Take jobs until the end marker. Only cancellation or a broken journal ends it early."""
         while True:
             job = await queue.get()
             if job is None:
                 return
-            if self.stopping.is_set():
-                journal.write(Outcome.not_saved(job, Reason.INTERRUPTED, error="stopped"))
-                continue
             try:
-                outcome = await fetcher.fetch(job)
+                if self.stopping.is_set():
+                    outcome = Outcome.not_saved(job, Reason.INTERRUPTED, error="stopped")
+                else:
+                    outcome = await fetcher.fetch(job)
             except asyncio.CancelledError:
                 journal.write(Outcome.not_saved(job, Reason.INTERRUPTED, error="grace period over"))
                 raise
-            except Exception as exc:
+            except Exception as exc:  # a bug in fetch: this URL fails, the others go on
                 outcome = Outcome.not_saved(job, Reason.INTERNAL_ERROR, error=repr(exc))
             journal.write(outcome)
             self.log.debug("url done", url=job.url, status=outcome.status, reason=outcome.reason)

@@ -10,7 +10,7 @@ import pytest
 from downloader.devserver import DevServer
 from downloader.outcomes import Reason
 from downloader.retry import RetryPolicy, parse_retry_after
-from tests.conftest import clean_env, read_manifest, run_cli, write_list
+from tests.conftest import clean_env, image_files, read_manifest, run_cli, write_list
 
 # -- the policy as a value ---------------------------------------------------------
 
@@ -146,6 +146,4 @@ def test_reset_mid_body_is_retried_then_truncated(server: DevServer, tmp_path: P
     assert {r["status"] for r in records} == {"failed"}
     assert {r["reason"] for r in records} <= {"truncated", "connection_error"}
     assert {r["attempts"] for r in records} == {2}
-    assert not [
-        p for p in out.rglob("*") if p.is_file() and p.suffix not in (".jsonl", ".txt", ".json")
-    ]
+    assert image_files(out) == []
