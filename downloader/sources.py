@@ -95,19 +95,22 @@ class _Prefixed(io.RawIOBase):
             buffer[:n] = self._head[:n]
             self._head = self._head[n:]
             return n
-        data = self._rest.read1(len(buffer)) if hasattr(self._rest, "read1") else b""
+        read1 = getattr(self._rest, "read1", self._rest.read)
+        data = read1(len(buffer)) or b""
         buffer[: len(data)] = data
         return len(data)
 
     def close(self) -> None:
-        if self._rest is not sys.stdin.buffer:
-            self._rest.close()
+        self._rest.close()
         super().close()
 
 
 def _open_binary(path: str) -> IO[bytes]:
     if path == STDIN:
-        raw: IO[bytes] = sys.stdin.buffer
+        # Our own unbuffered handle on fd 0, not sys.stdin.buffer: a reader thread
+        # blocked in it at exit must not hold the lock of a standard stream, which
+        # the interpreter flushes on its way out (a fatal error otherwise).
+        raw: IO[bytes] = io.FileIO(sys.stdin.fileno(), "rb", closefd=False)
     else:
         try:
             raw = open(path, "rb")  # noqa: SIM115
@@ -171,7 +174,7 @@ def _format_of(path: str, first: str | None, settings: InputSettings) -> str:
         return "jsonl"
     for delimiter, candidate in (("\t", "tsv"), (",", "csv")):
         if delimiter in sample:
-            cells = next(csv.reader([sample], delimiter=delimiter), [])
+            cells = next(csv.reader([sample], delimiter=delimiter, skipinitialspace=True), [])
             if settings.url_column in (c.strip() for c in cells):
                 return candidate
     return "txt"
@@ -217,7 +220,9 @@ class InputList:
     def _read_header(self, line: _Line) -> None:
         if line.text is None:
             raise InputError(f"{self.label}: the header line is not valid UTF-8")
-        self._header = next(csv.reader([line.text], delimiter=self._delimiter))
+        self._header = next(
+            csv.reader([line.text], delimiter=self._delimiter, skipinitialspace=True)
+        )
         self._header = [h.strip() for h in self._header]
         for column in (self.settings.url_column, self.settings.name_column):
             if column and column not in self._header:
@@ -279,7 +284,7 @@ class InputList:
 
     def _parse_csv(self, line: _Line, text: str) -> Job | Outcome:
         try:
-            row = next(csv.reader([text], delimiter=self._delimiter))
+            row = next(csv.reader([text], delimiter=self._delimiter, skipinitialspace=True))
         except csv.Error as exc:
             return self._invalid(line, "", f"malformed CSV line: {exc}")
         if len(row) != len(self._header):

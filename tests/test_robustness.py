@@ -1,0 +1,261 @@
+"""Regressions found in review: each test would have caught its bug."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from downloader.devserver import DevServer
+from tests.conftest import clean_env, read_manifest, read_summary, run_cli, write_list
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that answers every request with the same raw bytes."""
+
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        ready = threading.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(self.response)
+            await writer.drain()
+            writer.close()
+
+        async def start() -> None:
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+
+        threading.Thread(
+            target=lambda: (self.loop.run_until_complete(start()), self.loop.run_forever()),
+            daemon=True,
+        ).start()
+        ready.wait(5)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture
+def latin1_server() -> Iterator[RawServer]:
+    srv = RawServer(b"HTTP/1.1 404 Non trouv\xe9\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    yield srv
+    srv.stop()
+
+
+def test_undecodable_reason_phrase_does_not_hang(
+    latin1_server: RawServer, server: DevServer, tmp_path: Path
+) -> None:
+    urls = [f"http://127.0.0.1:{latin1_server.port}/x/{n}" for n in range(6)]
+    urls += [f"{server.url}/i/{n}.jpg" for n in range(20)]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    result = run_cli("fetch", str(listing), "-o", str(out), "--concurrency", "4", timeout=60)
+    assert result.returncode == 1, result.stderr
+    summary = read_summary(out)
+    assert (summary["saved"], summary["by_reason"]) == (20, {"http_error": 6})
+
+
+def test_sigterm_while_stdin_is_blocked(server: DevServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "downloader", "fetch", "-", "-o", str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write("".join(f"{server.url}/i/{n}.jpg\n" for n in range(5)).encode())
+        proc.stdin.flush()  # and the pipe stays open: the writer is slow
+        deadline = time.monotonic() + 20
+        while len(server.requests) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(server.requests) == 5  # the partial shard went out after shard_linger
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(15)  # stdin stays open: the input is not over
+    finally:
+        proc.kill()
+    assert code == 143
+    assert read_summary(out)["saved"] == 5
+    assert read_summary(out)["input_complete"] is False
+
+
+def test_second_run_on_the_same_folder_is_refused(server: DevServer, tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/block/{n}" for n in range(2)])
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "downloader", "fetch", str(listing), "-o", str(out)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=clean_env(),
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while server.blocked < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = run_cli("fetch", str(listing), "-o", str(out))
+        assert second.returncode == 2
+        assert "another imgdl run is using the output folder" in second.stderr
+        server.release()
+        assert first.wait(30) == 0
+    finally:
+        server.release()
+        first.kill()
+    assert read_summary(out)["saved"] == 2
+
+
+def test_parent_killed_leaves_no_worker_behind(server: DevServer, tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/slow/200/{n}" for n in range(400)])
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "downloader",
+            "fetch",
+            str(listing),
+            "-o",
+            str(out),
+            "--processes",
+            "2",
+            "--shard-size",
+            "100",
+            "--concurrency",
+            "4",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=clean_env(),
+    )
+    deadline = time.monotonic() + 20
+    while len(server.requests) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(5)
+    time.sleep(3)  # a worker notices within 0.1 s, then finishes what is in flight
+    seen = len(server.requests)
+    time.sleep(1.5)
+    assert len(server.requests) == seen  # nobody is fetching any more
+    assert seen < 400
+
+
+def test_gzip_on_a_pipe_that_hands_over_one_byte_first(server: DevServer, tmp_path: Path) -> None:
+    body = gzip.compress("".join(f"{server.url}/i/{n}.jpg\n" for n in range(5)).encode())
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "downloader", "fetch", "-", "-o", str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(body[:1])
+    proc.stdin.flush()
+    time.sleep(0.3)
+    proc.stdin.write(body[1:])
+    proc.stdin.close()
+    assert proc.wait(60) == 0
+    assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
+    assert read_summary(out)["saved"] == 5
+
+
+def test_overlong_line_json_array_and_quoted_header(server: DevServer, tmp_path: Path) -> None:
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"http://x/" + b"a" * (2 << 20) + b"\n" + f"{server.url}/i/1.jpg\n".encode())
+    out = tmp_path / "out"
+    result = run_cli("fetch", str(big), "-o", str(out))
+    assert result.returncode == 1
+    records = sorted(read_manifest(out), key=lambda r: r["line"])
+    assert [(r["line"], r["reason"]) for r in records] == [(1, "invalid_url"), (2, None)]
+    assert "longer than" in records[0]["error"]
+
+    array = tmp_path / "list.json"
+    array.write_text('[{"url": "http://127.0.0.1:9/a.jpg"}]\n')
+    result = run_cli("fetch", str(array), "-o", str(tmp_path / "o2"))
+    assert result.returncode == 2
+    assert "JSON array" in result.stderr
+
+    quoted = tmp_path / "list.data"
+    quoted.write_text(f'"id", "url"\n1,{server.url}/i/2.jpg\n')
+    result = run_cli("fetch", str(quoted), "-o", str(tmp_path / "o3"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_infinite_timeout_is_a_config_error(tmp_path: Path) -> None:
+    result = run_cli("fetch", "-", "--timeout", "inf", "-o", str(tmp_path / "o"), stdin=b"")
+    assert result.returncode == 2
+    assert "total_timeout" in result.stderr or "--timeout" in result.stderr
+
+
+@pytest.mark.slow
+def test_shards_that_never_started_are_not_charged(server: DevServer, tmp_path: Path) -> None:
+    urls = [f"{server.url}/block/{n}" for n in range(4)] + [
+        f"{server.url}/i/{n}.jpg" for n in range(8)
+    ]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "downloader",
+            "fetch",
+            str(listing),
+            "-o",
+            str(out),
+            "--processes",
+            "1",
+            "--shard-size",
+            "4",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=clean_env(IMGDL_RUN_SHARDS_IN_FLIGHT="3"),
+    )
+    try:
+        for round_ in (1, 2):
+            deadline = time.monotonic() + 20
+            while server.blocked < 4 * round_ and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for child in _children(proc.pid):
+                os.kill(child, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        server.release()
+        proc.kill()
+    records = {r["line"]: r for r in read_manifest(out)}
+    assert {records[n]["reason"] for n in range(1, 5)} == {"worker_crashed"}
+    assert {records[n]["status"] for n in range(5, 13)} == {"saved"}, stderr.decode()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"resource_tracker" not in cmdline:
+                found.append(int(entry.name))
+    return found
