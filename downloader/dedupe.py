@@ -17,6 +17,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+from downloader.errors import UnsafeNameError
 from downloader.outcomes import Job, Outcome, Reason, Status
 from downloader.state import LineSet
 
@@ -49,7 +50,12 @@ def resolve(job: Job, first: Outcome) -> Outcome:
 class Duplicates:
     """Decides, line by line, whether a job is the first of its URL in this run."""
 
-    def __init__(self, path: Path, record: Callable[[Outcome], None]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        record: Callable[[Outcome], None],
+        stem_of: Callable[[Job], str] | None = None,
+    ) -> None:
         path.unlink(missing_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.executescript(
@@ -61,11 +67,13 @@ class Duplicates:
                 h INTEGER PRIMARY KEY, h2 INTEGER NOT NULL, outcome TEXT
             );
             CREATE TABLE waiting (h INTEGER NOT NULL, job TEXT NOT NULL);
+            CREATE TABLE stem (stem TEXT PRIMARY KEY, h INTEGER NOT NULL, line TEXT NOT NULL);
             CREATE INDEX waiting_h ON waiting (h);
             BEGIN;
             """
         )
         self._record = record
+        self._stem_of = stem_of
         self._ops = 0
         self._waited_on = LineSet()
         self.found = 0
@@ -86,12 +94,12 @@ class Duplicates:
             (h, h2, json.dumps([job.input, job.line])),
         ).rowcount
         if inserted:
-            return True
+            return self._name_is_free(job, h)
         stored_h2, stored = self._db.execute(
             "SELECT h2, outcome FROM first WHERE h = ?", (h,)
         ).fetchone()
         if stored_h2 != h2:  # two URLs share 64 bits: fetch it, names differ anyway
-            return True
+            return self._name_is_free(job, h)
         self.found += 1
         value = json.loads(stored)
         if isinstance(value, dict):  # the first line's outcome is known
@@ -102,6 +110,31 @@ class Duplicates:
                 (h, json.dumps([job.url, job.input, job.line, job.name])),
             )
             self._waited_on.add((value[0], value[1]))
+        return False
+
+    def _name_is_free(self, job: Job, h: int) -> bool:
+        """With names from a column or template, two URLs may get the same name: the
+        first line keeps it, a later one fails at once as ``name_collision``."""
+        if self._stem_of is None:
+            return True
+        try:
+            stem = self._stem_of(job)
+        except UnsafeNameError:
+            return True  # the worker records invalid_name
+        where = f"{job.input}:{job.line}"
+        self._tick()
+        if self._db.execute(
+            "INSERT OR IGNORE INTO stem (stem, h, line) VALUES (?, ?, ?)", (stem, h, where)
+        ).rowcount:
+            return True
+        (owner,) = self._db.execute("SELECT line FROM stem WHERE stem = ?", (stem,)).fetchone()
+        self._record(
+            Outcome.not_saved(
+                job,
+                Reason.NAME_COLLISION,
+                error=f"the name {stem!r} is taken by {owner}, a different URL",
+            )
+        )
         return False
 
     def finished(self, outcome: Outcome) -> None:

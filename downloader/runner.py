@@ -14,6 +14,7 @@ a shard that has used up ``run.shard_attempts`` records them as
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import signal
@@ -36,6 +37,7 @@ from downloader.settings import Settings
 from downloader.sharding import Shard, Tick
 from downloader.sources import InputList, read_in_background
 from downloader.state import LineSet, RunState, read_records
+from downloader.storage import names_may_collide, stem_for
 from downloader.telemetry import get_logger
 from downloader.worker import ShardResult, WorkerContext, init_worker, run_shard
 
@@ -121,7 +123,13 @@ class Runner:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
-        report.duplicates = Duplicates(self.state.dir / "dedupe.sqlite", report.record)
+        output = self.settings.output
+        check_names = names_may_collide(output.name_template, self.settings.input.name_column)
+        report.duplicates = Duplicates(
+            self.state.dir / "dedupe.sqlite",
+            report.record,
+            functools.partial(stem_for, template=output.name_template) if check_names else None,
+        )
         reader = read_in_background(
             self.inputs, buffered=2 * self.settings.run.shard_size, poll=POLL_SECONDS
         )

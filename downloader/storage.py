@@ -106,6 +106,18 @@ def safe_relpath(raw: str) -> str:
     return "/".join(parts)
 
 
+def stem_for(job: Job, template: str) -> str:
+    """Relative path without extension; raises UnsafeNameError for a bad name column."""
+    if job.name:
+        return safe_relpath(job.name)
+    return safe_relpath(template.format(**_fields(job)))
+
+
+def names_may_collide(template: str, name_column: str | None) -> bool:
+    """False when every URL gets a name of its own (the URL hash is in it)."""
+    return bool(name_column) or "{url_hash" not in template
+
+
 class Store:
     """The local output folder. Later backends (object stores) keep this interface."""
 
@@ -117,10 +129,7 @@ class Store:
         self._parts.mkdir(parents=True, exist_ok=True)
 
     def stem_for(self, job: Job) -> str:
-        """Relative path without extension; raises UnsafeNameError for a bad name column."""
-        if job.name:
-            return safe_relpath(job.name)
-        return safe_relpath(self.template.format(**_fields(job)))
+        return stem_for(job, self.template)
 
     def existing(self, stem: str) -> str | None:
         """The relative path of an image already saved under ``stem``, if any."""

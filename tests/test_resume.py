@@ -199,6 +199,20 @@ def test_cut_gzip_input_keeps_what_was_read(server: DevServer, tmp_path: Path) -
     assert len(read_manifest(out)) == summary["lines"]
 
 
+def test_a_name_taken_earlier_in_the_run_is_a_collision(server: DevServer, tmp_path: Path) -> None:
+    listing = tmp_path / "n.csv"
+    listing.write_text(f"url,name\n{server.url}/i/0.jpg,cat\n{server.url}/i/24.jpg,cat\n")
+    out = tmp_path / "out"
+    result = run_cli(
+        "fetch", str(listing), "-o", str(out), "--name-column", "name", "--concurrency", "1"
+    )
+    assert result.returncode == 1
+    records = {r["line"]: r for r in read_manifest(out)}
+    assert records[2]["status"] == "saved"
+    assert records[3]["reason"] == "name_collision"
+    assert [p for _, _, p in server.requests] == ["/i/0.jpg"]  # no request for the loser
+
+
 def test_two_lines_with_one_name_never_overwrite(server: DevServer, tmp_path: Path) -> None:
     listing = tmp_path / "n.csv"
     listing.write_text(
