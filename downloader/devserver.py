@@ -19,6 +19,7 @@ Routes (``N`` is any integer; it picks an image, so every URL is distinct):
     /drip/N               an image at one byte a second
     /reset/N              half an image, then a TCP reset
     /hang/N               accepts the request and never answers
+    /tagged/N?tag=V       an image with an ``X-Robots-Tag: V`` header per ``tag``
     /_stats               JSON: requests seen so far
 """
 
@@ -58,6 +59,7 @@ class DevServer:
         self._release: asyncio.Event | None = None
         self.blocked = 0
         self.hits: dict[str, int] = {}
+        self.user_agents: set[str] = set()
         self.inflight = 0
         self.max_inflight = 0
         self._thread: threading.Thread | None = None
@@ -83,6 +85,7 @@ class DevServer:
         app.router.add_get("/drip/{n:\\d+}", self._drip)
         app.router.add_get("/reset/{n:\\d+}", self._reset)
         app.router.add_get("/hang/{n:\\d+}", self._hang)
+        app.router.add_get("/tagged/{n:\\d+}", self._tagged)
         app.router.add_get("/_stats", self._stats)
         return app
 
@@ -93,6 +96,7 @@ class DevServer:
         if request.path == "/_stats":
             return await handler(request)
         self.requests.append((time.monotonic(), request.host, request.path_qs))
+        self.user_agents.add(request.headers.get("User-Agent", ""))
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
         try:
@@ -185,6 +189,12 @@ class DevServer:
     async def _hang(self, request: web.Request) -> web.Response:
         await asyncio.sleep(600)  # bounded, and cancelled when the client goes away
         return web.Response(status=504)
+
+    async def _tagged(self, request: web.Request) -> web.Response:
+        response = await self._image(request)
+        for tag in request.query.getall("tag", []):
+            response.headers.add("X-Robots-Tag", tag)
+        return response
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": len(self.requests)})

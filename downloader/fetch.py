@@ -18,6 +18,7 @@ import aiohttp
 
 from downloader.errors import UnsafeNameError
 from downloader.limits import Limiter
+from downloader.manners import opted_out
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.retry import RetryPolicy
 from downloader.settings import Settings
@@ -89,6 +90,8 @@ class Fetcher:
         self.store = store
         self.max_bytes = settings.validate_.max_bytes
         self.retry = RetryPolicy.from_settings(settings.retry)
+        self.opt_out = frozenset(d.lower() for d in settings.manners.opt_out)
+        self.robots_token = settings.manners.robots_token
         self.read_window = settings.http.read_timeout
         self.min_window_bytes = settings.http.min_speed * settings.http.read_timeout
         self.limiter = limiter
@@ -150,6 +153,11 @@ class Fetcher:
                     status,
                     resp.headers.get("Retry-After"),
                 )
+            refusal = opted_out(
+                resp.headers.getall("X-Robots-Tag", ()), self.opt_out, self.robots_token
+            )
+            if refusal is not None:
+                raise _Failed(Reason.OPTED_OUT, f"X-Robots-Tag: {refusal}", status)
             declared = resp.content_length
             if declared is not None and declared > self.max_bytes:
                 raise _Failed(

@@ -25,6 +25,7 @@ class Reason(enum.StrEnum):
     # skipped
     SKIPPED_EXISTS = "skipped_exists"
     DUPLICATE = "duplicate"
+    OPTED_OUT = "opted_out"
     # failed: the input itself
     INVALID_URL = "invalid_url"
     INVALID_NAME = "invalid_name"
@@ -52,7 +53,7 @@ class Reason(enum.StrEnum):
         return Status.SKIPPED if self in _SKIP_REASONS else Status.FAILED
 
 
-_SKIP_REASONS = frozenset({Reason.SKIPPED_EXISTS, Reason.DUPLICATE})
+_SKIP_REASONS = frozenset({Reason.SKIPPED_EXISTS, Reason.DUPLICATE, Reason.OPTED_OUT})
 
 #: Reasons whose URL is worth feeding back in: everything but a broken input line.
 REFETCHABLE = frozenset(r for r in Reason if r.status is Status.FAILED) - {

@@ -95,6 +95,14 @@ class RetrySettings(_Section):
         return value
 
 
+class MannersSettings(_Section):
+    opt_out: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        max_length=100,
+    )
+    robots_token: str = Field("imgdl", min_length=1)
+
+
 class ValidateSettings(_Section):
     max_bytes: int = Field(50 * 1024 * 1024, ge=1)
 
@@ -111,6 +119,7 @@ class Settings(_Section):
     http: HttpSettings = HttpSettings()
     limits: LimitsSettings = LimitsSettings()
     retry: RetrySettings = RetrySettings()
+    manners: MannersSettings = MannersSettings()
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
     log: LogSettings = LogSettings()
 
