@@ -226,6 +226,8 @@ class Fetcher:
             bytes=size,
             sha256=digest.hexdigest(),
             content_type=image.mime,
+            etag=resp.headers.get("ETag"),
+            last_modified=resp.headers.get("Last-Modified"),
         )
 
     def _turn(self, url: str) -> AbstractAsyncContextManager[None]:

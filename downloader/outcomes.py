@@ -91,6 +91,8 @@ class Outcome:
     elapsed_ms: int = 0
     error: str | None = None
     duplicate_of: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
 
     @classmethod
     def saved(cls, job: Job, **fields: Any) -> Outcome:

@@ -86,10 +86,14 @@ class Runner:
         self._limits = SharedLimits.create(self._mp)
         self._signal_exit: int | None = None
         self._reader_errors: list[str] = []
+        self._abort = False
 
     # -- signals -------------------------------------------------------------
 
     def _on_signal(self, signum: int, _frame: types.FrameType | None) -> None:
+        if self._signal_exit is not None and signum == signal.SIGINT:
+            self._abort = True  # a second Ctrl-C: stop now, not after the grace period
+            return
         if self._signal_exit is None:
             self._signal_exit = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
             log.warning(
@@ -235,6 +239,9 @@ class Runner:
                     return
                 if not inflight:
                     continue  # the input is slow: nothing to wait for yet
+                if self._abort:
+                    self._abort_now(pool, inflight, original, report)
+                    return
                 done, _ = wait(inflight, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
                 broken = False
                 for future in done:
@@ -271,6 +278,27 @@ class Runner:
                     inflight = self._resubmit(pool, inflight, original, report)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _abort_now(
+        self,
+        pool: ProcessPoolExecutor,
+        inflight: dict[Future[ShardResult], Shard],
+        original: dict[int, Shard],
+        report: RunReport,
+    ) -> None:
+        """Kill the workers; what they journaled stands, the rest is interrupted. Files
+        being written were part files, so nothing partial stands at a final path."""
+        log.warning("second SIGINT: aborting now")
+        for process in multiprocessing.active_children():
+            process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        for shard in inflight.values():
+            self._close_shard(
+                original.pop(shard.shard_id),
+                report,
+                Reason.INTERRUPTED,
+                "aborted by a second SIGINT",
+            )
 
     def _rebuild(self, pool: ProcessPoolExecutor) -> ProcessPoolExecutor:
         """A worker died: end the survivors now (they ignore the pool's SIGTERM and would

@@ -153,3 +153,31 @@ def test_signal_stops_run_and_accounts_every_line(
     blocked = [r for r in records if "/block/" in r["url"]]
     assert {r["status"] for r in blocked} == {"saved"}
     assert not list(out.rglob("*.part"))
+
+
+def test_second_sigint_aborts_at_once(server: DevServer, tmp_path: Path) -> None:
+    urls = [f"{server.url}/i/{n}.jpg" for n in range(10)]
+    urls += [f"{server.url}/block/{n}" for n in range(6)]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    proc = _start(listing, out, "--shard-size", "8", "--concurrency", "8")
+    try:
+        _wait_for(lambda: server.blocked >= 6)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)  # the grace period (20 s) is running: blocked downloads wait
+        assert proc.poll() is None
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+        took = time.monotonic() - started
+    finally:
+        server.release()
+        proc.kill()
+    assert proc.returncode == 130, stderr.decode()
+    assert took < 10  # not the 20 s grace period
+    records = read_manifest(out)
+    assert len(records) == 16
+    blocked = [r for r in records if "/block/" in r["url"]]
+    assert {(r["status"], r["reason"]) for r in blocked} == {("failed", "interrupted")}
+    assert not list(out.rglob("*.part"))
+    assert len(image_files(out)) == sum(r["status"] == "saved" for r in records)
