@@ -110,7 +110,11 @@ class Outcome:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Not dataclasses.asdict: it deep-copies every field, 10x slower on this hot path.
+        record = {name: getattr(self, name) for name in _FIELD_NAMES}
+        record["status"] = self.status.value
+        record["reason"] = self.reason.value if self.reason is not None else None
+        return record
 
     def to_json(self) -> str:
         """One JSON line; strings keep their letters unless they hold undecodable bytes."""
@@ -132,3 +136,6 @@ class Outcome:
     @classmethod
     def from_json(cls, line: str) -> Outcome:
         return cls.from_dict(json.loads(line))
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Outcome))
