@@ -64,11 +64,22 @@ class SharedLimits:
             host_connections=context.RawArray("i", SLOTS),
         )
 
-    def reset_connections(self) -> None:
-        """After the pool died: its workers' slots are free again."""
-        with self.lock:
+    def reset_after_crash(self) -> None:
+        """After the pool died and every worker is gone: free what the dead held.
+
+        Their connection slots are free again, and a worker killed while holding
+        the lock (for a few microseconds) would otherwise leave it held forever.
+        A multiprocessing Lock can be released by any process, so with no worker
+        alive, a lock we cannot take is stale and we release it.
+        """
+        if not self.lock.acquire(timeout=0.5):
+            self.lock.release()
+            self.lock.acquire()
+        try:
             for i in range(SLOTS):
                 self.host_connections[i] = 0
+        finally:
+            self.lock.release()
 
 
 class Limiter:

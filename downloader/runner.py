@@ -306,7 +306,7 @@ class Runner:
         for process in multiprocessing.active_children():
             process.kill()
         pool.shutdown(wait=True, cancel_futures=True)
-        self._limits.reset_connections()
+        self._limits.reset_after_crash()
         return self._new_pool()
 
     def _resubmit(

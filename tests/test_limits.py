@@ -124,3 +124,28 @@ def test_per_host_connections_hold_across_processes(server: DevServer, tmp_path:
 def test_busiest_window_helper() -> None:
     assert busiest_window([0.0, 0.5, 1.9, 2.0, 2.1]) == 4
     assert busiest_window([]) == 0
+
+
+def test_a_lock_left_held_by_a_dead_worker_is_recovered() -> None:
+    import multiprocessing
+
+    from downloader.limits import SharedLimits
+
+    shared = SharedLimits.create(multiprocessing.get_context("spawn"))
+    shared.host_connections[5] = 3
+    holder = multiprocessing.get_context("spawn").Process(target=_take_and_die, args=(shared,))
+    holder.start()
+    holder.join(10)
+    assert holder.exitcode == 0
+    assert not shared.lock.acquire(timeout=0.1)  # held by a process that is gone
+    shared.reset_after_crash()
+    assert shared.host_connections[5] == 0
+    assert shared.lock.acquire(timeout=1)
+    shared.lock.release()
+
+
+def _take_and_die(shared: object) -> None:
+    import os
+
+    shared.lock.acquire()  # type: ignore[attr-defined]
+    os._exit(0)
