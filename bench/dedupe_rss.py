@@ -10,6 +10,7 @@ answered in the parent from the on-disk set of URLs seen (dedupe.py).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,9 @@ import time
 from pathlib import Path
 
 from downloader.devserver import DevServer
+
+#: The servers live on loopback, which the network policy refuses by default.
+ENV = {**os.environ, "IMGDL_NETWORK_ALLOW": "[127.0.0.0/8]"}
 
 
 def rss_kib(pid: int) -> int:
@@ -72,6 +76,7 @@ def main() -> int:
             ],
             stderr=subprocess.PIPE,
             text=True,
+            env=ENV,
         )
         parent_peak = tree_peak = 0
         while proc.poll() is None:

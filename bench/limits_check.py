@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,9 @@ import time
 from pathlib import Path
 
 from downloader.devserver import DevServer
+
+#: The servers live on loopback, which the network policy refuses by default.
+ENV = {**os.environ, "IMGDL_NETWORK_ALLOW": "[127.0.0.0/8]"}
 
 
 def busiest(times: list[float], width: float = 2.0) -> int:
@@ -35,6 +39,7 @@ def run(args: list[str]) -> float:
         [sys.executable, "-m", "downloader", "fetch", *args, "--log-level", "warning"],
         check=True,
         capture_output=True,
+        env=ENV,
     )
     return time.monotonic() - started
 

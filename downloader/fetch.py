@@ -15,10 +15,12 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
 from downloader.errors import UnsafeNameError
 from downloader.limits import Limiter
 from downloader.manners import opted_out
+from downloader.netpolicy import BlockedAddressError, NetworkPolicy
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.retry import RetryPolicy
 from downloader.settings import Settings
@@ -26,6 +28,7 @@ from downloader.storage import NameTakenError, PartFile, Store
 from downloader.validate import SNIFF_BYTES, ImageType, sniff
 
 CHUNK_BYTES = 64 * 1024
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class _Failed(Exception):
@@ -53,6 +56,8 @@ def classify(exc: BaseException) -> tuple[Reason, str]:
     """Map an exception raised while fetching to a reason and a one-line message."""
     # Order matters: the TLS errors subclass the connector errors.
     message = str(exc) or type(exc).__name__
+    if isinstance(exc, BlockedAddressError):
+        return Reason.BLOCKED_ADDRESS, message
     if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
         return Reason.TLS_ERROR, message
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
@@ -85,11 +90,14 @@ class Fetcher:
         store: Store,
         settings: Settings,
         limiter: Limiter | None = None,
+        policy: NetworkPolicy | None = None,
     ) -> None:
         self.session = session
         self.store = store
         self.max_bytes = settings.validate_.max_bytes
         self.retry = RetryPolicy.from_settings(settings.retry)
+        self.max_redirects = settings.http.max_redirects
+        self.policy = policy or NetworkPolicy.from_strings(settings.network.allow)
         self.opt_out = frozenset(d.lower() for d in settings.manners.opt_out)
         self.robots_token = settings.manners.robots_token
         self.read_window = settings.http.read_timeout
@@ -141,35 +149,61 @@ class Fetcher:
             await asyncio.sleep(self.retry.delay(attempt, retry_after))
 
     async def _download(self, job: Job, stem: str) -> Outcome:
-        async with (
-            self._turn(job.url),
-            self.session.get(job.url, allow_redirects=True) as resp,
-        ):
-            status = resp.status
-            if status != 200:
-                raise _Failed(
-                    Reason.HTTP_ERROR,
-                    f"HTTP {status} {resp.reason or ''}".strip(),
-                    status,
-                    resp.headers.get("Retry-After"),
-                )
-            refusal = opted_out(
-                resp.headers.getall("X-Robots-Tag", ()), self.opt_out, self.robots_token
+        """Follow redirects ourselves: every hop's scheme and address are checked."""
+        url = URL(job.url)
+        async with self._turn(job.url):
+            for _ in range(self.max_redirects + 1):
+                self.policy.check_host(url.raw_host or "")
+                async with self.session.get(url, allow_redirects=False) as resp:
+                    location = resp.headers.get("Location")
+                    if resp.status in _REDIRECTS and location:
+                        url = self._next_hop(url, location, resp.status)
+                        continue
+                    outcome = await self._respond(job, stem, resp)
+                    if str(url) != job.url:
+                        outcome = dataclasses.replace(outcome, final_url=str(url))
+                    return outcome
+        raise _Failed(Reason.TOO_MANY_REDIRECTS, f"more than {self.max_redirects} redirects", None)
+
+    @staticmethod
+    def _next_hop(url: URL, location: str, status: int) -> URL:
+        try:
+            target = url.join(URL(location))
+        except ValueError as exc:
+            raise _Failed(Reason.PROTOCOL_ERROR, f"bad redirect Location: {exc}", status) from None
+        if target.scheme not in ("http", "https") or not target.raw_host:
+            raise _Failed(
+                Reason.PROTOCOL_ERROR, f"redirect to a URL imgdl does not fetch: {target}", status
             )
-            if refusal is not None:
-                raise _Failed(Reason.OPTED_OUT, f"X-Robots-Tag: {refusal}", status)
-            declared = resp.content_length
-            if declared is not None and declared > self.max_bytes:
-                raise _Failed(
-                    Reason.TOO_LARGE,
-                    f"Content-Length {declared} exceeds max_bytes {self.max_bytes}",
-                    status,
-                )
-            try:
-                return await self._stream(job, stem, resp)
-            except (aiohttp.ClientError, TimeoutError) as exc:  # keep the status we got
-                reason, error = classify(exc)
-                raise _Failed(reason, error, status) from None
+        return target
+
+    async def _respond(self, job: Job, stem: str, resp: aiohttp.ClientResponse) -> Outcome:
+        """The final response: check status and headers, then stream the body."""
+        status = resp.status
+        if status != 200:
+            raise _Failed(
+                Reason.HTTP_ERROR,
+                f"HTTP {status} {resp.reason or ''}".strip(),
+                status,
+                resp.headers.get("Retry-After"),
+            )
+        refusal = opted_out(
+            resp.headers.getall("X-Robots-Tag", ()), self.opt_out, self.robots_token
+        )
+        if refusal is not None:
+            raise _Failed(Reason.OPTED_OUT, f"X-Robots-Tag: {refusal}", status)
+        declared = resp.content_length
+        if declared is not None and declared > self.max_bytes:
+            raise _Failed(
+                Reason.TOO_LARGE,
+                f"Content-Length {declared} exceeds max_bytes {self.max_bytes}",
+                status,
+            )
+        try:
+            return await self._stream(job, stem, resp)
+        except (aiohttp.ClientError, TimeoutError) as exc:  # keep the status we got
+            reason, error = classify(exc)
+            raise _Failed(reason, error, status) from None
 
     async def _stream(self, job: Job, stem: str, resp: aiohttp.ClientResponse) -> Outcome:
         """Body to a part file: size cap, speed floor, type sniff, Content-Length check."""

@@ -93,6 +93,7 @@ class Outcome:
     duplicate_of: str | None = None
     etag: str | None = None
     last_modified: str | None = None
+    final_url: str | None = None
 
     @classmethod
     def saved(cls, job: Job, **fields: Any) -> Outcome:

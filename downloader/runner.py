@@ -39,6 +39,7 @@ from downloader.sources import InputList, read_in_background
 from downloader.state import LineSet, RunState, read_records
 from downloader.storage import names_may_collide, stem_for
 from downloader.telemetry import get_logger
+from downloader.transport import ssl_context
 from downloader.worker import ShardResult, WorkerContext, init_worker, run_shard
 
 log = get_logger()
@@ -116,6 +117,11 @@ class Runner:
             ) from None
 
     def run(self) -> tuple[int, dict[str, Any]]:
+        ssl_context(self.settings.tls)  # a bad CA bundle is a config error, before any work
+        if not self.settings.tls.verify:
+            log.warning(
+                "TLS verification is OFF (tls.verify: false): any server can impersonate any host"
+            )
         done = self._open_state()
         if self.state.archived is not None:
             log.warning(

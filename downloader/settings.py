@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import types
 import typing
@@ -62,6 +63,26 @@ class HttpSettings(_Section):
     min_speed: int = Field(1024, ge=0)
     dns_cache_ttl: int = Field(300, ge=0)
     user_agent: str = Field(DEFAULT_USER_AGENT, min_length=1)
+    max_redirects: int = Field(5, ge=0, le=100)
+
+
+class NetworkSettings(_Section):
+    allow: list[str] = Field(default_factory=list, max_length=1000)
+
+    @pydantic.field_validator("allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not a network: {network!r} ({exc})") from None
+        return value
+
+
+class TlsSettings(_Section):
+    verify: bool = True
+    ca_bundle: Path | None = None
 
 
 class HostLimits(_Section):
@@ -117,6 +138,8 @@ class Settings(_Section):
     output: OutputSettings = OutputSettings()
     run: RunSettings = RunSettings()
     http: HttpSettings = HttpSettings()
+    network: NetworkSettings = NetworkSettings()
+    tls: TlsSettings = TlsSettings()
     limits: LimitsSettings = LimitsSettings()
     retry: RetrySettings = RetrySettings()
     manners: MannersSettings = MannersSettings()

@@ -21,15 +21,15 @@ from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 from typing import IO
 
-import aiohttp
-
 from downloader.fetch import Fetcher
 from downloader.limits import Limiter, SharedLimits
+from downloader.netpolicy import NetworkPolicy
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.storage import Store
 from downloader.telemetry import TelemetryScope, configure_logging, get_logger
+from downloader.transport import open_session
 
 #: How often a worker looks at the parent's stop flag.
 STOP_POLL_SECONDS = 0.1
@@ -132,32 +132,16 @@ class _ShardRun:
 
     async def _run(self, journal: _Journal) -> None:
         http = self.settings.http
-        connector = aiohttp.TCPConnector(
-            limit=http.concurrency,
-            ttl_dns_cache=http.dns_cache_ttl or None,
-            use_dns_cache=http.dns_cache_ttl > 0,
-        )
-        timeout = aiohttp.ClientTimeout(
-            total=http.total_timeout,
-            sock_connect=http.connect_timeout,
-            sock_read=http.read_timeout,
-        )
         consumers_n = max(1, min(http.concurrency, len(self.shard.jobs)))
         queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=2 * consumers_n)
-        async with aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            auto_decompress=False,
-            # identity: we keep bodies as served, so a compressed one would be useless
-            headers={"User-Agent": http.user_agent, "Accept-Encoding": "identity"},
-            max_line_size=16 * 1024,
-            max_field_size=16 * 1024,
-        ) as session:
+        policy = NetworkPolicy.from_strings(self.settings.network.allow)
+        async with open_session(self.settings, policy) as session:
             fetcher = Fetcher(
                 session,
                 Store(self.context.outdir, self.settings.output.name_template),
                 self.settings,
                 Limiter(self.settings.limits, self.context.limits),
+                policy,
             )
             watcher = asyncio.create_task(self._watch_stop())
             producer = asyncio.create_task(self._produce(queue, consumers_n, journal))

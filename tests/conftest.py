@@ -23,9 +23,14 @@ def server() -> Iterator[DevServer]:
         yield srv
 
 
+#: The test servers live on loopback, which the network policy refuses by default.
+LOOPBACK_ALLOWED = {"IMGDL_NETWORK_ALLOW": "[127.0.0.0/8, '::1/128']"}
+
+
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment for a CLI run: no stray IMGDL_/OTEL_ settings from the caller."""
+    """The environment for a CLI run: no stray IMGDL_/OTEL_ settings, loopback allowed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGDL_", "OTEL_"))}
+    env.update(LOOPBACK_ALLOWED)
     env.update(extra)
     return env
 

@@ -7,7 +7,14 @@ import random
 from pathlib import Path
 
 from downloader.devserver import DevServer
-from tests.conftest import image_files, read_manifest, read_summary, run_cli, write_list
+from tests.conftest import (
+    LOOPBACK_ALLOWED,
+    image_files,
+    read_manifest,
+    read_summary,
+    run_cli,
+    write_list,
+)
 
 
 def test_each_kind_of_failure_gets_its_reason(server: DevServer, tmp_path: Path) -> None:
@@ -212,7 +219,9 @@ def test_in_process_run_with_the_real_pool(server: DevServer, tmp_path: Path) ->
     )
     out = tmp_path / "out"
     result = CliRunner().invoke(
-        cli, ["fetch", str(listing), "-o", str(out), "--processes", "2", "--shard-size", "10"]
+        cli,
+        ["fetch", str(listing), "-o", str(out), "--processes", "2", "--shard-size", "10"],
+        env=LOOPBACK_ALLOWED,
     )
     assert result.exit_code == 1, result.output
     summary = read_summary(out)

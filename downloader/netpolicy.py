@@ -1,0 +1,132 @@
+"""Which addresses imgdl may connect to: the guard against server-side request forgery.
+
+A URL list is untrusted, and so is every redirect. By default imgdl refuses
+every address that is not globally routable: loopback, private ranges, link-local
+(169.254.0.0/16 holds the cloud metadata services, whose answers can hold
+credentials), carrier-grade NAT, multicast, reserved and unspecified addresses,
+in IPv4 and IPv6, including IPv4 addresses embedded in IPv6 (mapped, 6to4,
+Teredo, NAT64). ``network.allow`` lists networks to let through anyway (a local
+test server: ``[127.0.0.0/8]``).
+
+The check runs on the address actually connected to: a resolver that drops
+refused addresses from every DNS answer (so a name that resolves, or re-resolves,
+to a refused address cannot pass) and, because aiohttp does not call the
+resolver for a host that is an IP literal, a check of every URL's host before
+its request, on the first URL and on every redirect hop. That check also reads
+the spellings of IPv4 that ``inet_aton`` accepts (``2852039166``,
+``0xa9fea9fe``, ``0251.0376.0251.0376``), which a system resolver would turn
+into the same address.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class BlockedAddressError(Exception):
+    """A request would go to an address the network policy refuses."""
+
+
+def parse_host(host: str) -> IPAddress | None:
+    """The address a host names literally, in any spelling; None for a DNS name."""
+    host = host.strip("[]").split("%", 1)[0]
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:  # 2852039166, 0xa9fea9fe, 0251.0376.0251.0376, 169.254.43518, ...
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):
+        return None
+
+
+def _embedded_v4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if address in ipaddress.IPv6Network("64:ff9b::/96"):  # NAT64
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkPolicy:
+    allow: tuple[IPNetwork, ...] = ()
+    block_non_global: bool = True
+
+    @classmethod
+    def from_strings(cls, allow: Iterable[str], block_non_global: bool = True) -> NetworkPolicy:
+        return cls(tuple(ipaddress.ip_network(n, strict=False) for n in allow), block_non_global)
+
+    def refuses(self, address: IPAddress) -> str | None:
+        """Why ``address`` is refused, or None if it may be connected to."""
+        if any(address in network for network in self.allow if network.version == address.version):
+            return None
+        if isinstance(address, ipaddress.IPv6Address):
+            inner = _embedded_v4(address)
+            if inner is not None:
+                why = self.refuses(inner)
+                return f"{address} carries {inner}: {why}" if why else None
+        if not self.block_non_global:
+            return None
+        if address.is_multicast:
+            return f"{address} is a multicast address"
+        if not address.is_global:
+            kind = (
+                "loopback"
+                if address.is_loopback
+                else "link-local (cloud metadata lives here)"
+                if address.is_link_local
+                else "unspecified"
+                if address.is_unspecified
+                else "private"
+                if address.is_private
+                else "reserved or not globally routable"
+            )
+            return f"{address} is {kind}; allow it with network.allow"
+        return None
+
+    def check_host(self, host: str) -> None:
+        """Raise BlockedAddressError if ``host`` is a literal address that is refused."""
+        address = parse_host(host)
+        if address is not None:
+            why = self.refuses(address)
+            if why:
+                raise BlockedAddressError(why)
+
+
+class GuardedResolver(AbstractResolver):
+    """A resolver that keeps only the addresses the policy allows."""
+
+    def __init__(self, policy: NetworkPolicy, inner: AbstractResolver | None = None) -> None:
+        self.policy = policy
+        self.inner = inner or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = await self.inner.resolve(host, port, family)
+        allowed = [a for a in answers if not self._refused(a)]
+        if not allowed:
+            reasons = "; ".join(filter(None, (self._refused(a) for a in answers)))
+            raise BlockedAddressError(f"{host} resolves only to refused addresses: {reasons}")
+        return allowed
+
+    def _refused(self, answer: Any) -> str | None:
+        return self.policy.refuses(ipaddress.ip_address(answer["host"]))
+
+    async def close(self) -> None:
+        await self.inner.close()
