@@ -20,6 +20,8 @@ Routes (``N`` is any integer; it picks an image, so every URL is distinct):
     /reset/N              half an image, then a TCP reset
     /hang/N               accepts the request and never answers
     /tagged/N?tag=V       an image with an ``X-Robots-Tag: V`` header per ``tag``
+    /redirect?to=URL      302 to URL
+    /loop/N               302 to itself, forever
     /_stats               JSON: requests seen so far
 """
 
@@ -86,6 +88,8 @@ class DevServer:
         app.router.add_get("/reset/{n:\\d+}", self._reset)
         app.router.add_get("/hang/{n:\\d+}", self._hang)
         app.router.add_get("/tagged/{n:\\d+}", self._tagged)
+        app.router.add_get("/redirect", self._redirect)
+        app.router.add_get("/loop/{n:\\d+}", self._loop_redirect)
         app.router.add_get("/_stats", self._stats)
         return app
 
@@ -195,6 +199,12 @@ class DevServer:
         for tag in request.query.getall("tag", []):
             response.headers.add("X-Robots-Tag", tag)
         return response
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": request.query.get("to", "/")})
+
+    async def _loop_redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": request.path})
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": len(self.requests)})
