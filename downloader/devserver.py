@@ -32,6 +32,7 @@ import asyncio
 import email.utils
 import mimetypes
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -46,7 +47,13 @@ DEFAULT_IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
 class DevServer:
     """The server, runnable in a background thread (tests) or in the foreground (demo)."""
 
-    def __init__(self, images: Path = DEFAULT_IMAGES, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        images: Path = DEFAULT_IMAGES,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         files = sorted(p for p in images.iterdir() if p.is_file())
         if not files:
             raise SystemExit(f"no images in {images}")
@@ -55,6 +62,7 @@ class DevServer:
         ]
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self.requests: list[tuple[float, str, str]] = []  # (monotonic time, host header, path)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -68,7 +76,8 @@ class DevServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def image(self, n: int) -> tuple[bytes, str]:
         return self.images[n % len(self.images)]
@@ -215,7 +224,7 @@ class DevServer:
         self._release = asyncio.Event()
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         server = site._server
         assert server is not None and server.sockets  # type: ignore[attr-defined]
