@@ -18,36 +18,10 @@ import time
 from pathlib import Path
 
 from downloader.devserver import DevServer
+from downloader.proctree import descendants, rss_kib
 
 #: The servers live on loopback, which the network policy refuses by default.
 ENV = {**os.environ, "IMGDL_NETWORK_ALLOW": "[127.0.0.0/8]"}
-
-
-def rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
 
 
 def main() -> int:
@@ -81,7 +55,7 @@ def main() -> int:
         parent_peak = tree_peak = 0
         while proc.poll() is None:
             parent_peak = max(parent_peak, rss_kib(proc.pid))
-            tree_peak = max(tree_peak, sum(rss_kib(p) for p in tree(proc.pid)))
+            tree_peak = max(tree_peak, sum(rss_kib(p) for p in descendants(proc.pid)))
             time.sleep(0.2)
         wall = time.monotonic() - started
         requests = len(server.requests)

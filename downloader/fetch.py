@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
+from downloader.body import Body, BodyError
 from downloader.errors import UnsafeNameError
 from downloader.limits import Limiter
 from downloader.manners import opted_out
@@ -27,7 +28,6 @@ from downloader.settings import Settings
 from downloader.storage import NameTakenError, PartFile, Store
 from downloader.validate import SNIFF_BYTES, ImageType, sniff
 
-CHUNK_BYTES = 64 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -101,7 +101,7 @@ class Fetcher:
         self.opt_out = frozenset(d.lower() for d in settings.manners.opt_out)
         self.robots_token = settings.manners.robots_token
         self.read_window = settings.http.read_timeout
-        self.min_window_bytes = settings.http.min_speed * settings.http.read_timeout
+        self.min_speed = settings.http.min_speed
         self.limiter = limiter
 
     async def fetch(self, job: Job) -> Outcome:
@@ -154,7 +154,7 @@ class Fetcher:
         async with self._turn(job.url):
             for _ in range(self.max_redirects + 1):
                 self.policy.check_host(url.raw_host or "")
-                async with self.session.get(url, allow_redirects=False) as resp:
+                async with await self._request(url) as resp:
                     location = resp.headers.get("Location")
                     if resp.status in _REDIRECTS and location:
                         url = self._next_hop(url, location, resp.status)
@@ -164,6 +164,19 @@ class Fetcher:
                         outcome = dataclasses.replace(outcome, final_url=str(url))
                     return outcome
         raise _Failed(Reason.TOO_MANY_REDIRECTS, f"more than {self.max_redirects} redirects", None)
+
+    async def _request(self, url: URL) -> aiohttp.ClientResponse:
+        """Send the request and read the response head; a connection that breaks before
+        the head is complete is a protocol error (the server spoke, then hung up)."""
+        try:
+            return await self.session.get(url, allow_redirects=False)
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise _Failed(
+                Reason.PROTOCOL_ERROR,
+                f"connection lost before a complete response head: {exc or type(exc).__name__}",
+            ) from None
 
     @staticmethod
     def _next_hop(url: URL, location: str, status: int) -> URL:
@@ -210,24 +223,13 @@ class Fetcher:
         status, declared = resp.status, resp.content_length
         part: PartFile | None = None
         try:
+            body = Body(resp, self.read_window, self.min_speed)
             digest = hashlib.sha256()
             size = 0
             head = b""
             image: ImageType | None = None
-            window_start, window_bytes = time.monotonic(), 0
-            async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+            async for chunk in body.chunks():
                 size += len(chunk)
-                window_bytes += len(chunk)
-                if time.monotonic() - window_start >= self.read_window:
-                    if window_bytes < self.min_window_bytes:
-                        raise _Failed(
-                            Reason.TIMEOUT,
-                            f"body arrives too slowly ({window_bytes} bytes in "
-                            f"{self.read_window:g} s; http.min_speed is "
-                            f"{self.min_window_bytes / self.read_window:g} bytes/s)",
-                            status,
-                        )
-                    window_start, window_bytes = time.monotonic(), 0
                 if size > self.max_bytes:
                     raise _Failed(
                         Reason.TOO_LARGE, f"body exceeds max_bytes {self.max_bytes}", status
@@ -245,10 +247,14 @@ class Fetcher:
                 image = self._sniffed(head, resp, status)
                 part = await self.store.open_part(stem)
                 await part.write(head)
-            if declared is not None and size < declared:
-                raise _Failed(Reason.TRUNCATED, f"got {size} of {declared} bytes", status)
+            if declared is not None and body.raw_bytes < declared:
+                raise _Failed(Reason.TRUNCATED, f"got {body.raw_bytes} of {declared} bytes", status)
             assert image is not None
             relpath = await part.commit(image.ext)
+        except BodyError as exc:
+            if part is not None:
+                await asyncio.shield(part.abort())
+            raise _Failed(exc.reason, str(exc), status) from None
         except BaseException:
             if part is not None:
                 await asyncio.shield(part.abort())

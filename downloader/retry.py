@@ -17,7 +17,9 @@ from downloader.settings import RetrySettings
 
 DEFAULT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Failures without an HTTP status that are worth another try.
-RETRYABLE_REASONS = frozenset({Reason.TIMEOUT, Reason.CONNECTION_ERROR, Reason.TRUNCATED})
+RETRYABLE_REASONS = frozenset(
+    {Reason.TIMEOUT, Reason.CONNECTION_ERROR, Reason.TRUNCATED, Reason.PROTOCOL_ERROR}
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

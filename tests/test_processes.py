@@ -13,23 +13,8 @@ from pathlib import Path
 import pytest
 
 from downloader.devserver import DevServer
+from downloader.proctree import workers
 from tests.conftest import clean_env, image_files, read_manifest, read_summary, write_list
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"resource_tracker" not in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
@@ -75,9 +60,9 @@ def test_worker_killed_mid_shard_is_retried(server: DevServer, tmp_path: Path) -
     proc = _start(listing, out, "--shard-size", "40", "--concurrency", "8")
     try:
         _wait_for(lambda: server.blocked >= 8)
-        workers = _children(proc.pid)
-        assert len(workers) == 2, workers
-        for pid in workers:  # kill the whole pool: the shards in flight lose their worker
+        pool = workers(proc.pid)
+        assert len(pool) == 2, pool
+        for pid in pool:  # kill the whole pool: the shards in flight lose their worker
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)
         server.release()
@@ -104,7 +89,7 @@ def test_shard_whose_worker_dies_twice_is_worker_crashed(server: DevServer, tmp_
     try:
         for round_ in (1, 2):
             _wait_for(lambda n=round_: _block_requests(server) >= 12 * n)
-            for pid in _children(proc.pid):
+            for pid in workers(proc.pid):
                 os.kill(pid, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=60)
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from downloader.devserver import DevServer
+from downloader.proctree import descendants
 from tests.conftest import (
     clean_env,
     image_files,
@@ -22,24 +23,6 @@ from tests.conftest import (
     run_cli,
     write_list,
 )
-
-
-def _tree(pid: int) -> list[int]:
-    """pid and all its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
 
 
 @pytest.mark.slow
@@ -73,7 +56,7 @@ def test_kill_9_then_same_command_finishes_exactly_once(server: DevServer, tmp_p
         deadline = time.monotonic() + 30
         while len(server.requests) < 250 and time.monotonic() < deadline:
             time.sleep(0.02)
-        for pid in _tree(proc.pid):  # the parent and every worker, at once
+        for pid in descendants(proc.pid):  # the parent and every worker, at once
             os.kill(pid, signal.SIGKILL)
         proc.wait(10)
     finally:

@@ -38,7 +38,12 @@ def test_other_errors_fail_at_once(status: int) -> None:
 
 def test_which_reasons_are_retried() -> None:
     policy = RetryPolicy()
-    for reason in (Reason.TIMEOUT, Reason.CONNECTION_ERROR, Reason.TRUNCATED):
+    for reason in (
+        Reason.TIMEOUT,
+        Reason.CONNECTION_ERROR,
+        Reason.TRUNCATED,
+        Reason.PROTOCOL_ERROR,
+    ):
         assert policy.should_retry(1, reason, None)
     for reason in (Reason.NOT_AN_IMAGE, Reason.TOO_LARGE, Reason.TLS_ERROR, Reason.INVALID_URL):
         assert not policy.should_retry(1, reason, None)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from downloader.devserver import DevServer
+from downloader.proctree import workers
 from tests.conftest import clean_env, read_manifest, read_summary, run_cli, write_list
 
 
@@ -236,7 +237,7 @@ def test_shards_that_never_started_are_not_charged(server: DevServer, tmp_path: 
             deadline = time.monotonic() + 20
             while server.blocked < 4 * round_ and time.monotonic() < deadline:
                 time.sleep(0.05)
-            for child in _children(proc.pid):
+            for child in workers(proc.pid):
                 os.kill(child, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -245,17 +246,3 @@ def test_shards_that_never_started_are_not_charged(server: DevServer, tmp_path: 
     records = {r["line"]: r for r in read_manifest(out)}
     assert {records[n]["reason"] for n in range(1, 5)} == {"worker_crashed"}
     assert {records[n]["status"] for n in range(5, 13)} == {"saved"}, stderr.decode()
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"resource_tracker" not in cmdline:
-                found.append(int(entry.name))
-    return found

@@ -1,0 +1,56 @@
+"""Process-tree facts from Linux ``/proc``, for the tests and the benchmarks.
+
+imgdl itself does not use this; it lives in the package so that tests and
+``bench/`` share one copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _parents() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    children = _parents()
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def workers(pid: int) -> list[int]:
+    """The pool workers of an imgdl parent: its children but multiprocessing's helpers."""
+    found = []
+    for child in _parents().get(pid, []):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            found.append(child)
+    return found
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of one process, 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
