@@ -59,6 +59,7 @@ class Duplicates:
         path: Path,
         record: Callable[[Outcome], None],
         stem_of: Callable[[Job], str] | None = None,
+        fold_case: bool = False,
     ) -> None:
         path.unlink(missing_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None)
@@ -78,6 +79,7 @@ class Duplicates:
         )
         self._record = record
         self._stem_of = stem_of
+        self._fold_case = fold_case
         self._ops = 0
         self._waited_on = LineSet()
         self._maybe_seen = bytearray(_BITMAP_BITS // 8)
@@ -130,12 +132,13 @@ class Duplicates:
         except UnsafeNameError:
             return True  # the worker records invalid_name
         where = f"{job.input}:{job.line}"
+        key = stem.casefold() if self._fold_case else stem
         self._tick()
         if self._db.execute(
-            "INSERT OR IGNORE INTO stem (stem, h, line) VALUES (?, ?, ?)", (stem, h, where)
+            "INSERT OR IGNORE INTO stem (stem, h, line) VALUES (?, ?, ?)", (key, h, where)
         ).rowcount:
             return True
-        (owner,) = self._db.execute("SELECT line FROM stem WHERE stem = ?", (stem,)).fetchone()
+        (owner,) = self._db.execute("SELECT line FROM stem WHERE stem = ?", (key,)).fetchone()
         self._record(
             Outcome.not_saved(
                 job,

@@ -21,6 +21,9 @@ Routes (``N`` is any integer; it picks an image, so every URL is distinct):
     /hang/N               accepts the request and never answers
     /tagged/N?tag=V       an image with an ``X-Robots-Tag: V`` header per ``tag``
     /redirect?to=URL      302 to URL
+    /bomb/N               a gzip body (Content-Encoding: gzip) that inflates to 1 GiB
+    /huge/N               1 GiB, streamed without Content-Length
+    /declared-huge/N      says Content-Length: 1 GiB
     /loop/N               302 to itself, forever
     /_stats               JSON: requests seen so far
 """
@@ -36,6 +39,7 @@ import ssl
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -71,6 +75,7 @@ class DevServer:
         self.hits: dict[str, int] = {}
         self.user_agents: set[str] = set()
         self.inflight = 0
+        self._bomb_cache: bytes | None = None
         self.max_inflight = 0
         self._thread: threading.Thread | None = None
 
@@ -99,6 +104,9 @@ class DevServer:
         app.router.add_get("/tagged/{n:\\d+}", self._tagged)
         app.router.add_get("/redirect", self._redirect)
         app.router.add_get("/loop/{n:\\d+}", self._loop_redirect)
+        app.router.add_get("/bomb/{n:\\d+}", self._bomb)
+        app.router.add_get("/huge/{n:\\d+}", self._huge)
+        app.router.add_get("/declared-huge/{n:\\d+}", self._declared_huge)
         app.router.add_get("/_stats", self._stats)
         return app
 
@@ -214,6 +222,40 @@ class DevServer:
 
     async def _loop_redirect(self, request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": request.path})
+
+    _JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(20)
+
+    def _bomb_body(self) -> bytes:
+        if self._bomb_cache is None:
+            packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip wrapper
+            parts = [packer.compress(self._JPEG_HEAD)]
+            zeros = bytes(1 << 20)
+            parts += [packer.compress(zeros) for _ in range(1024)]
+            parts.append(packer.flush())
+            self._bomb_cache = b"".join(parts)
+        return self._bomb_cache
+
+    async def _bomb(self, request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(self._bomb_body)
+        return web.Response(
+            body=body, headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"}
+        )
+
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(self._JPEG_HEAD)
+        block = bytes(1 << 20)
+        for _ in range(1024):  # bounded: 1 GiB, or until the client goes away
+            await response.write(block)
+        return response
+
+    async def _declared_huge(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self._JPEG_HEAD,
+            headers={"Content-Type": "image/jpeg", "Content-Length": str(1 << 30)},
+        )
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": len(self.requests)})

@@ -26,7 +26,14 @@ from downloader.outcomes import Job, Outcome, Reason
 from downloader.retry import RetryPolicy
 from downloader.settings import Settings
 from downloader.storage import NameTakenError, PartFile, Store
-from downloader.validate import SNIFF_BYTES, ImageType, sniff
+from downloader.validate import (
+    ImageType,
+    InvalidImage,
+    accept,
+    check_decoded,
+    sniff,
+    sniff_needs,
+)
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
@@ -95,6 +102,7 @@ class Fetcher:
         self.session = session
         self.store = store
         self.max_bytes = settings.validate_.max_bytes
+        self.validate = settings.validate_
         self.retry = RetryPolicy.from_settings(settings.retry)
         self.max_redirects = settings.http.max_redirects
         self.policy = policy or NetworkPolicy.from_strings(settings.network.allow)
@@ -237,21 +245,24 @@ class Fetcher:
                 digest.update(chunk)
                 if part is None:
                     head += chunk
-                    if len(head) < SNIFF_BYTES:
+                    if len(head) < sniff_needs(head):
                         continue
                     image = self._sniffed(head, resp, status)
                     part = await self.store.open_part(stem)
                     chunk, head = head, b""
                 await part.write(chunk)
-            if part is None:  # the whole body was shorter than SNIFF_BYTES
+            if part is None:  # the whole body was shorter than the sniff needs
                 image = self._sniffed(head, resp, status)
                 part = await self.store.open_part(stem)
                 await part.write(head)
             if declared is not None and body.raw_bytes < declared:
                 raise _Failed(Reason.TRUNCATED, f"got {body.raw_bytes} of {declared} bytes", status)
             assert image is not None
+            if self.validate.decode:
+                await part.close()
+                await asyncio.to_thread(check_decoded, part.path, image, self.validate)
             relpath = await part.commit(image.ext)
-        except BodyError as exc:
+        except (BodyError, InvalidImage) as exc:
             if part is not None:
                 await asyncio.shield(part.abort())
             raise _Failed(exc.reason, str(exc), status) from None
@@ -275,14 +286,9 @@ class Fetcher:
             return nullcontext()
         return self.limiter.request(urlsplit(url).hostname or "")
 
-    @staticmethod
-    def _sniffed(head: bytes, resp: aiohttp.ClientResponse, status: int) -> ImageType:
-        image = sniff(head)
-        if image is None:
+    def _sniffed(self, head: bytes, resp: aiohttp.ClientResponse, status: int) -> ImageType:
+        try:
+            return accept(sniff(head), self.validate)
+        except InvalidImage as exc:
             claimed = resp.headers.get("Content-Type", "no Content-Type")
-            raise _Failed(
-                Reason.NOT_AN_IMAGE,
-                f"body is not a known image format (server said {claimed})",
-                status,
-            )
-        return image
+            raise _Failed(exc.reason, f"{exc} (server said {claimed})", status) from None

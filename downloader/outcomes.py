@@ -42,6 +42,10 @@ class Reason(enum.StrEnum):
     TOO_LARGE = "too_large"
     TRUNCATED = "truncated"
     NOT_AN_IMAGE = "not_an_image"
+    DECOMPRESSION_BOMB = "decompression_bomb"
+    DECODE_ERROR = "decode_error"
+    TOO_SMALL = "too_small"
+    TOO_BIG = "too_big"
     # failed: on our side
     WRITE_ERROR = "write_error"
     WORKER_CRASHED = "worker_crashed"
@@ -60,6 +64,10 @@ REFETCHABLE = frozenset(r for r in Reason if r.status is Status.FAILED) - {
     Reason.INVALID_URL,
     Reason.INVALID_NAME,
     Reason.NAME_COLLISION,
+    Reason.DECOMPRESSION_BOMB,
+    Reason.DECODE_ERROR,
+    Reason.TOO_SMALL,
+    Reason.TOO_BIG,
 }
 
 

@@ -37,9 +37,10 @@ from downloader.settings import Settings
 from downloader.sharding import Shard, Tick
 from downloader.sources import InputList, read_in_background
 from downloader.state import LineSet, RunState, read_records
-from downloader.storage import names_may_collide, stem_for
+from downloader.storage import case_insensitive, names_may_collide, stem_for
 from downloader.telemetry import get_logger
 from downloader.transport import ssl_context
+from downloader.validate import require_pillow
 from downloader.worker import ShardResult, WorkerContext, init_worker, run_shard
 
 log = get_logger()
@@ -118,6 +119,7 @@ class Runner:
 
     def run(self) -> tuple[int, dict[str, Any]]:
         ssl_context(self.settings.tls)  # a bad CA bundle is a config error, before any work
+        require_pillow(self.settings.validate_)
         if not self.settings.tls.verify:
             log.warning(
                 "TLS verification is OFF (tls.verify: false): any server can impersonate any host"
@@ -139,6 +141,7 @@ class Runner:
             self.state.dir / "dedupe.sqlite",
             report.record,
             functools.partial(stem_for, template=output.name_template) if check_names else None,
+            fold_case=check_names and case_insensitive(self.outdir),
         )
         reader = read_in_background(
             self.inputs, buffered=2 * self.settings.run.shard_size, poll=POLL_SECONDS

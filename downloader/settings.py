@@ -126,6 +126,13 @@ class MannersSettings(_Section):
 
 class ValidateSettings(_Section):
     max_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    allow_svg: bool = False
+    decode: bool = False
+    max_pixels: int = Field(89_478_485, ge=1)
+    min_width: int = Field(0, ge=0)
+    min_height: int = Field(0, ge=0)
+    max_width: int = Field(0, ge=0)
+    max_height: int = Field(0, ge=0)
 
 
 class LogSettings(_Section):

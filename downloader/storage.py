@@ -38,6 +38,12 @@ _MAX_COMPONENT_BYTES = 255
 # Room for ".<ext>" after the stem.
 _MAX_STEM_COMPONENT_BYTES = _MAX_COMPONENT_BYTES - 8
 _RESERVED_TOP = frozenset({STATE_DIR, ARCHIVE_DIR})
+# Names Windows (and SMB shares, and many sync tools) cannot hold, with any extension.
+_WINDOWS_DEVICES = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"COM{i}" for i in range(1, 10)}
+    | {f"LPT{i}" for i in range(1, 10)}
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNSAFE_BASENAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -98,6 +104,11 @@ def safe_relpath(raw: str) -> str:
             raise UnsafeNameError(f"name {raw!r} climbs out with '..'")
         if len(part.encode("utf-8", "surrogatepass")) > _MAX_STEM_COMPONENT_BYTES:
             raise UnsafeNameError(f"a component of {raw!r} is longer than the file system allows")
+    for part in parts:
+        if part.split(".", 1)[0].upper() in _WINDOWS_DEVICES:
+            raise UnsafeNameError(f"name {raw!r} uses a reserved device name ({part})")
+        if part.endswith((" ", ".")):
+            raise UnsafeNameError(f"name {raw!r} has a component ending in a dot or space")
     if parts[0] in _RESERVED_TOP:
         raise UnsafeNameError(f"name {raw!r} is inside imgdl's own folder {parts[0]}/")
     root, ext = os.path.splitext(parts[-1])
@@ -111,6 +122,16 @@ def stem_for(job: Job, template: str) -> str:
     if job.name:
         return safe_relpath(job.name)
     return safe_relpath(template.format(**_fields(job)))
+
+
+def case_insensitive(folder: Path) -> bool:
+    """Does the file system of ``folder`` treat ``A`` and ``a`` as one name?"""
+    probe = folder / f".imgdl-case-{secrets.token_hex(4)}"
+    probe.touch()
+    try:
+        return (folder / probe.name.upper()).exists()
+    finally:
+        probe.unlink()
 
 
 def names_may_collide(template: str, name_column: str | None) -> bool:
@@ -195,6 +216,10 @@ class PartFile:
         handle = await aiofiles.open(part, "wb")
         return cls(root, stem, part, handle)
 
+    @property
+    def path(self) -> Path:
+        return Path(self._part)
+
     async def write(self, chunk: bytes) -> None:
         await self._handle.write(chunk)
 
@@ -204,7 +229,7 @@ class PartFile:
         Never replaces a file already there: raises NameTakenError instead, so two
         URLs given the same name cannot overwrite each other.
         """
-        await self._close()
+        await self.close()
         relpath = self._stem + ext
         try:
             await asyncio.to_thread(
@@ -216,11 +241,11 @@ class PartFile:
         return relpath
 
     async def abort(self) -> None:
-        await self._close()
+        await self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._part)
 
-    async def _close(self) -> None:
+    async def close(self) -> None:
         if not self._closed:
             self._closed = True
             await self._handle.close()
