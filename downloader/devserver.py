@@ -24,6 +24,7 @@ Routes (``N`` is any integer; it picks an image, so every URL is distinct):
     /bomb/N               a gzip body (Content-Encoding: gzip) that inflates to 1 GiB
     /huge/N               1 GiB, streamed without Content-Length
     /declared-huge/N      says Content-Length: 1 GiB
+    /body/NAME            the bytes and Content-Type given as ``bodies[NAME]``
     /loop/N               302 to itself, forever
     /_stats               JSON: requests seen so far
 """
@@ -57,6 +58,7 @@ class DevServer:
         host: str = "127.0.0.1",
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
+        bodies: dict[str, tuple[bytes, str]] | None = None,
     ):
         files = sorted(p for p in images.iterdir() if p.is_file())
         if not files:
@@ -67,6 +69,7 @@ class DevServer:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
+        self.bodies = bodies or {}
         self.requests: list[tuple[float, str, str]] = []  # (monotonic time, host header, path)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -107,6 +110,7 @@ class DevServer:
         app.router.add_get("/bomb/{n:\\d+}", self._bomb)
         app.router.add_get("/huge/{n:\\d+}", self._huge)
         app.router.add_get("/declared-huge/{n:\\d+}", self._declared_huge)
+        app.router.add_get("/body/{name}", self._body)
         app.router.add_get("/_stats", self._stats)
         return app
 
@@ -256,6 +260,13 @@ class DevServer:
             body=self._JPEG_HEAD,
             headers={"Content-Type": "image/jpeg", "Content-Length": str(1 << 30)},
         )
+
+    async def _body(self, request: web.Request) -> web.Response:
+        found = self.bodies.get(request.match_info["name"])
+        if found is None:
+            return web.Response(status=404)
+        body, mime = found
+        return web.Response(body=body, headers={"Content-Type": mime})
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": len(self.requests)})

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,36 +16,7 @@ import pytest
 from downloader.devserver import DevServer
 from downloader.proctree import workers
 from tests.conftest import clean_env, read_manifest, read_summary, run_cli, write_list
-
-
-class RawServer:
-    """A TCP server on 127.0.0.1 that answers every request with the same raw bytes."""
-
-    def __init__(self, response: bytes) -> None:
-        self.response = response
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        ready = threading.Event()
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(self.response)
-            await writer.drain()
-            writer.close()
-
-        async def start() -> None:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            self.port = server.sockets[0].getsockname()[1]
-            ready.set()
-
-        threading.Thread(
-            target=lambda: (self.loop.run_until_complete(start()), self.loop.run_forever()),
-            daemon=True,
-        ).start()
-        ready.wait(5)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+from tests.rawserver import RawServer
 
 
 @pytest.fixture
