@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 # Directives that take a value after a colon; "name: value" is not an agent prefix.
 _VALUED = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
+# "none" is the robots standard's shorthand for "noindex, nofollow".
+_SYNONYMS = {"none": ("noindex", "nofollow")}
 _AGENT = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*:\s*(.*)$")
 
 
@@ -31,6 +33,7 @@ def opted_out(headers: Iterable[str], directives: frozenset[str], token: str) ->
             continue
         for directive in value.split(","):
             name = directive.strip().lower()
-            if name in directives:
-                return f"{agent}: {name}" if agent else name
+            for meaning in _SYNONYMS.get(name, (name,)):
+                if meaning in directives:
+                    return f"{agent}: {name}" if agent else name
     return None

@@ -53,12 +53,20 @@ class Totals:
             self.http_errors[outcome.http_status] += 1
         if outcome.status is Status.SAVED:
             self.bytes += outcome.bytes
-        if outcome.reason in REFETCHABLE:
+        if outcome.reason in REFETCHABLE and outcome.duplicate_of is None:
             self.refetchable += 1
 
 
-def compact(state: RunState, summary_extra: dict[str, Any] | None = None) -> Totals:
-    """Merge every record into ``manifest.jsonl`` and ``failures.txt``; return the counts."""
+def compact(
+    state: RunState,
+    summary_extra: dict[str, Any] | None = None,
+    unread: Iterable[str] = (),
+) -> Totals:
+    """Merge every record into ``manifest.jsonl`` and ``failures.txt``; return the counts.
+
+    ``unread`` are URLs of an input that this run did not get to and that would be
+    lost from the retry cycle otherwise (the input was this folder's failures.txt).
+    """
     outdir = state.outdir
     totals = Totals()
     seen = LineSet()
@@ -74,9 +82,12 @@ def compact(state: RunState, summary_extra: dict[str, Any] | None = None) -> Tot
                 continue
             seen.add(key)
             manifest.write(outcome.to_json() + "\n")
-            if outcome.reason in REFETCHABLE:
+            if outcome.reason in REFETCHABLE and outcome.duplicate_of is None:
                 failures.write(outcome.url + "\n")
             totals.add(outcome)
+        for url in unread:
+            failures.write(url + "\n")
+            totals.refetchable += 1
     os.replace(manifest_tmp, outdir / MANIFEST)
     os.replace(failures_tmp, outdir / FAILURES)
     if summary_extra is not None:
@@ -148,12 +159,13 @@ class RunReport:
         carried: int,
         input_complete: bool,
         input_errors: list[str],
+        unread: Iterable[str] = (),
     ) -> dict[str, Any]:
         """Merge the records, write ``summary.json``; returns the summary."""
         if self.duplicates is not None:
             self.duplicates.close()
         self.state.close()
-        totals = compact(self.state)
+        totals = compact(self.state, unread=unread)
         elapsed = time.monotonic() - self.started
         failed = totals.by_status[Status.FAILED] > 0 or bool(input_errors)
         exit_code = (
@@ -182,19 +194,29 @@ class RunReport:
         return summary
 
 
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
 def summary_text(summary: dict[str, Any], outdir: Path) -> str:
     """The few lines printed on stderr at the end of a run."""
-    reasons = ", ".join(f"{r} {n}" for r, n in summary["by_reason"].items())
-    mb = summary["bytes"] / 1e6
+
+    def reasons(status: Status) -> str:
+        found = [f"{r} {n}" for r, n in summary["by_reason"].items() if Reason(r).status is status]
+        return f" ({', '.join(found)})" if found else ""
+
     resumed = summary["this_run"]["resumed_lines"]
     lines = [
         f"imgdl: {summary['lines']} lines: {summary['saved']} saved, "
-        f"{summary['skipped']} skipped, {summary['failed']} failed"
-        + (f" ({reasons})" if reasons else ""),
+        f"{summary['skipped']} skipped{reasons(Status.SKIPPED)}, "
+        f"{summary['failed']} failed{reasons(Status.FAILED)}",
         f"imgdl: this run: {summary['this_run']['saved']} saved in {summary['elapsed_s']:.1f} s, "
         f"{summary['images_per_s']} images/s"
         + (f"; {resumed} lines already done by an earlier run" if resumed else ""),
-        f"imgdl: {mb:.1f} MB saved in all; manifest {outdir / MANIFEST}; "
+        f"imgdl: {_size(summary['bytes'])} saved in all; manifest {outdir / MANIFEST}; "
         f"failures {outdir / FAILURES} ({summary['refetchable_failures']} to retry); "
         f"exit {summary['exit_code']}",
     ]
@@ -202,7 +224,7 @@ def summary_text(summary: dict[str, Any], outdir: Path) -> str:
         lines.append(f"imgdl: input error: {error}")
     if not summary["input_complete"]:
         lines.append(
-            f"imgdl: stopped before the end of the input ({summary['lines_read']} lines read); "
+            f"imgdl: stopped before the end of the input (lines read: {summary['lines_read']}); "
             "run the same command again to finish"
         )
     return "\n".join(lines)

@@ -36,7 +36,7 @@ from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport
 from downloader.settings import Settings
 from downloader.sharding import Shard, Tick
 from downloader.sources import InputList, read_in_background
-from downloader.state import LineSet, RunState, read_records
+from downloader.state import FAILURES, LineSet, RunState, read_records
 from downloader.storage import case_insensitive, names_may_collide, stem_for
 from downloader.telemetry import get_logger
 from downloader.transport import ssl_context
@@ -61,6 +61,7 @@ class _Lines:
         self.count = 0
         self.carried = 0
         self.exhausted = False
+        self.last_line: dict[str, int] = {}
 
     def __iter__(self) -> Iterator[Job | Outcome | Tick]:
         for item in self._items:
@@ -68,6 +69,7 @@ class _Lines:
                 yield item
                 continue
             self.count += 1
+            self.last_line[item.input] = item.line
             if (item.input, item.line) in self._done:
                 self.carried += 1
                 continue
@@ -106,6 +108,23 @@ class Runner:
         self._stop.set()
 
     # -- the run -------------------------------------------------------------
+
+    def _unread_failures(self, lines: _Lines) -> Iterator[str]:
+        """URLs of OUTDIR/failures.txt, given as an input, that this run did not reach.
+
+        That file is replaced at the end of the run; without this, a retry that was
+        stopped would drop what it had not read yet from the retry cycle.
+        """
+        own = os.path.realpath(self.outdir / FAILURES)
+        for item in self.inputs:
+            if item.path == "-" or os.path.realpath(item.path) != own:
+                continue
+            after = lines.last_line.get(item.label, 0)
+            with open(item.path, encoding="utf-8", errors="replace") as handle:
+                for number, text in enumerate(handle, start=1):
+                    url = text.strip()
+                    if number > after and url and not url.startswith("#"):
+                        yield url
 
     def _open_state(self) -> LineSet:
         try:
@@ -165,8 +184,14 @@ class Runner:
             )
             self._drive(shards, report)
             input_errors = [i.error for i in self.inputs if i.error] + self._reader_errors
+            complete = lines.exhausted and not input_errors
             summary = report.finish(
-                self._signal_exit, lines.count, lines.carried, lines.exhausted, input_errors
+                self._signal_exit,
+                lines.count,
+                lines.carried,
+                complete,
+                input_errors,
+                unread=() if complete else self._unread_failures(lines),
             )
         except OSError as exc:  # our own records cannot be written: disk full, gone
             raise ImgdlError(

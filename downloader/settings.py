@@ -97,6 +97,16 @@ class LimitsSettings(_Section):
     burst: int = Field(1, ge=1, le=10_000)
     hosts: dict[str, HostLimits] = Field(default_factory=dict)
 
+    @pydantic.field_validator("hosts")
+    @classmethod
+    def _bare_hosts(cls, value: dict[str, HostLimits]) -> dict[str, HostLimits]:
+        for host in value:
+            if "/" in host or (host.count(":") == 1) or not host.strip():
+                raise ValueError(
+                    f"{host!r} is not a host name: write it without scheme, port or path"
+                )
+        return {host.lower(): limits for host, limits in value.items()}
+
 
 class RetrySettings(_Section):
     attempts: int = Field(3, ge=1, le=100)
@@ -311,9 +321,22 @@ def load(
         loc = [str(p) for p in err["loc"]]
         key = ".".join(loc[:2])
         source = layers.get(key, (None, "default"))[1]
-        raise ConfigError(f"{key} (from {source}): {err['msg']}") from None
+        where = ".".join(loc)
+        if err["type"] == "extra_forbidden" and len(loc) > 2:
+            known = _nested_fields(loc)
+            msg = f"unknown key '{loc[-1]}'{_suggest(loc[-1], known)}"
+        else:
+            msg = err["msg"]
+        raise ConfigError(f"{where} (from {source}): {msg}") from None
     _check_consistency(settings, layers)
     return Effective(settings=settings, sources={k: src for k, (_, src) in layers.items()})
+
+
+def _nested_fields(loc: list[str]) -> list[str]:
+    """The keys allowed where a nested value (like a limits.hosts entry) had an extra one."""
+    if loc[:2] == ["limits", "hosts"]:
+        return list(HostLimits.model_fields)
+    return []
 
 
 def _check_consistency(settings: Settings, layers: Mapping[str, tuple[Any, str]]) -> None:

@@ -124,6 +124,13 @@ def read_records(path: Path) -> Iterator[Outcome]:
         return
 
 
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
 class RunState:
     """Opens the state of OUTDIR for a run: recovers, decides what is done, appends records."""
 
@@ -154,7 +161,7 @@ class RunState:
             done = self._done_lines()
         else:
             if has_records:
-                self._archive()
+                self._archive(labels)
             done = LineSet()
         self._write_run_json(inputs)
         self.journal_dir.mkdir(exist_ok=True)
@@ -214,22 +221,42 @@ class RunState:
             seen.add(key)
             if outcome.status is Status.FAILED:
                 continue
-            if outcome.path is None or (self.outdir / outcome.path).is_file():
+            if outcome.path is None or _nonempty_file(self.outdir / outcome.path):
                 done.add(key)
         return done
 
-    def _archive(self) -> None:
-        """Records of a different job: merge them and move them aside, never delete them."""
+    def _archive(self, labels: list[str]) -> None:
+        """Records of a different job: merge them and move them aside, never delete them.
+
+        A file that is an input of this run (``OUTDIR/failures.txt`` fed back in) is
+        copied, not moved: if this run is killed, the same command must find it.
+        """
         from downloader.report import compact  # report depends on this module
 
         compact(self, summary_extra={"archived": True})
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        target = self.outdir / ARCHIVE_DIR / stamp
-        target.mkdir(parents=True, exist_ok=True)
+        target = self._archive_folder()
+        inputs = {os.path.realpath(label) for label in labels if label != STDIN}
         for name in (MANIFEST, FAILURES, SUMMARY):
+            source = self.outdir / name
             with contextlib.suppress(FileNotFoundError):
-                (self.outdir / name).replace(target / name)
+                if os.path.realpath(source) in inputs:
+                    shutil.copy2(source, target / name)
+                else:
+                    source.replace(target / name)
         self.archived = target
+
+    def _archive_folder(self) -> Path:
+        """A new folder under previous-runs/, never one that exists (two runs a second)."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        (self.outdir / ARCHIVE_DIR).mkdir(exist_ok=True)
+        for n in range(1000):
+            target = self.outdir / ARCHIVE_DIR / (stamp if n == 0 else f"{stamp}-{n}")
+            try:
+                target.mkdir()
+                return target
+            except FileExistsError:
+                continue
+        raise ImgdlError(f"cannot make a new folder in {self.outdir / ARCHIVE_DIR}")
 
     # -- during the run --------------------------------------------------------------
 

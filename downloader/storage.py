@@ -156,8 +156,11 @@ class Store:
         """The relative path of an image already saved under ``stem``, if any."""
         base = os.path.join(self.root, stem)
         for ext in EXTENSIONS:
-            if os.path.isfile(base + ext):
-                return stem + ext
+            try:
+                if os.stat(base + ext).st_size > 0:  # an empty file is no image
+                    return stem + ext
+            except OSError:
+                continue
         return None
 
     async def open_part(self, stem: str) -> PartFile:

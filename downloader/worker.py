@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from multiprocessing.synchronize import Event as MpEvent
@@ -33,6 +34,8 @@ from downloader.transport import open_session
 
 #: How often a worker looks at the parent's stop flag.
 STOP_POLL_SECONDS = 0.1
+#: How often an idle worker checks that its parent is still there.
+ORPHAN_POLL_SECONDS = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +70,32 @@ def init_worker(context: WorkerContext) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _context = context
     configure_logging(context.settings.log.level, context.settings.log.format)
+    threading.Thread(
+        target=_exit_when_orphaned, args=(context.parent_pid,), name="orphan-watch", daemon=True
+    ).start()
+
+
+_shard_running = threading.Event()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """A worker whose parent was killed would wait for work forever on the pool's pipe.
+
+    A shard in progress notices on its own (``_watch_stop``) and journals its
+    URLs; once none is running, leave.
+    """
+    while os.getppid() == parent_pid or _shard_running.is_set():
+        time.sleep(ORPHAN_POLL_SECONDS)
+    os._exit(0)
 
 
 def run_shard(shard: Shard) -> ShardResult:
     assert _context is not None, "init_worker was not run in this process"
-    return asyncio.run(_ShardRun(_context, shard).run())
+    _shard_running.set()
+    try:
+        return asyncio.run(_ShardRun(_context, shard).run())
+    finally:
+        _shard_running.clear()
 
 
 class JournalError(Exception):

@@ -33,6 +33,7 @@ def test_duplicates_across_inputs_fetched_once(server: DevServer, tmp_path: Path
         assert dup["status"] == "skipped"
     assert len(image_files(out)) == 30
     assert read_summary(out)["by_reason"] == {"duplicate": 15}
+    assert "45 lines: 30 saved, 15 skipped (duplicate 15), 0 failed" in result.stderr
 
 
 def test_duplicate_of_a_failed_url_fails_the_same_way(server: DevServer, tmp_path: Path) -> None:
@@ -43,3 +44,4 @@ def test_duplicate_of_a_failed_url_fails_the_same_way(server: DevServer, tmp_pat
     assert [r["reason"] for r in records] == ["http_error"] * 3
     assert [r["duplicate_of"] for r in records] == [None, f"{listing}:1", f"{listing}:1"]
     assert len(server.requests) == 1
+    assert (tmp_path / "out" / "failures.txt").read_text().split() == [records[0]["url"]]

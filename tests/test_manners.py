@@ -25,6 +25,8 @@ DEFAULT = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
         (["otherbot: noai"], None),
         (["otherbot: noai", "imgdl: noimageindex"], "imgdl: noimageindex"),
         (["unavailable_after: 25 Jun 2010 15:00:00 PST"], None),
+        (["none"], "none"),
+        (["imgdl: none"], "imgdl: none"),
         (["nofollow", "max-image-preview: large"], None),
         ([], None),
     ],

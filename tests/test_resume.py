@@ -214,3 +214,107 @@ def test_two_lines_with_one_name_never_overwrite(server: DevServer, tmp_path: Pa
     assert hashlib.sha256((out / "same.jpg").read_bytes()).hexdigest() == winner["sha256"]
     assert records[5]["reason"] == "invalid_name"
     assert [p.name for p in image_files(out)] == ["same.jpg"]
+
+
+def test_stopped_retry_of_failures_keeps_what_it_did_not_reach(tmp_path: Path) -> None:
+    with DevServer() as probe:
+        port = probe.port
+    urls = [f"http://127.0.0.1:{port}/slow/100/{n}" for n in range(200)]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 1  # server down
+    failures = out / "failures.txt"
+    assert len(failures.read_text().split()) == 200
+    with DevServer(port=port) as server:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "downloader",
+                "fetch",
+                str(failures),
+                "-o",
+                str(out),
+                "--processes",
+                "1",
+                "--shard-size",
+                "10",
+                "--concurrency",
+                "2",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+        )
+        deadline = time.monotonic() + 30
+        while len(server.requests) < 15 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        saved = read_summary(out)["saved"]
+        assert 0 < saved < 200
+        # what was saved is out of the list; everything else, read or not, is still in it
+        assert sorted(failures.read_text().split()) == sorted(
+            set(urls) - {r["url"] for r in read_manifest(out) if r["status"] == "saved"}
+        )
+        again = run_cli("fetch", str(failures), "-o", str(out))
+    assert again.returncode == 0, again.stderr
+    assert len(image_files(out)) == 200
+
+
+@pytest.mark.slow
+def test_retry_of_failures_killed_then_the_same_command(tmp_path: Path) -> None:
+    with DevServer() as probe:
+        port = probe.port
+    urls = [f"http://127.0.0.1:{port}/slow/50/{n}" for n in range(300)]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 1  # server down
+    failures = out / "failures.txt"
+    command = ["fetch", str(failures), "-o", str(out), "--shard-size", "20", "--concurrency", "4"]
+    with DevServer(port=port) as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "downloader", *command],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=clean_env(),
+        )
+        deadline = time.monotonic() + 30
+        while len(server.requests) < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in descendants(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(10)
+        assert failures.exists()  # the input of the killed run is still where it was
+        again = run_cli(*command)
+    assert again.returncode == 0, again.stderr
+    records = read_manifest(out)
+    assert len(records) == 300
+    assert {r["status"] for r in records} <= {"saved", "skipped"}
+    assert len(image_files(out)) == 300
+
+
+def test_archives_never_overwrite_each_other(server: DevServer, tmp_path: Path) -> None:
+    a = write_list(tmp_path / "a.txt", [f"{server.url}/i/{n}.jpg" for n in range(3)])
+    b = write_list(tmp_path / "b.txt", [f"{server.url}/i/{n}.jpg" for n in range(5, 7)])
+    out = tmp_path / "out"
+    for listing in (a, b, a, b):
+        assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 0
+    archives = sorted((out / "previous-runs").iterdir())
+    assert [len(read_manifest(p)) for p in archives] == [3, 2, 3]
+
+
+def test_an_empty_file_is_not_an_image_already_saved(server: DevServer, tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/i/4.jpg"])
+    out = tmp_path / "out"
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 0
+    (image,) = image_files(out)
+    image.write_bytes(b"")
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 1  # name taken
+    image.unlink()
+    image.parent.joinpath(image.stem + ".png").write_bytes(b"")  # an empty file by that stem
+    (out / "manifest.jsonl").unlink()
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 1
+    assert read_manifest(out)[0]["reason"] == "name_collision"

@@ -117,6 +117,8 @@ def test_parent_killed_leaves_no_worker_behind(server: DevServer, tmp_path: Path
     deadline = time.monotonic() + 20
     while len(server.requests) < 8 and time.monotonic() < deadline:
         time.sleep(0.05)
+    worker_pids = workers(proc.pid)
+    assert worker_pids
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(5)
     time.sleep(3)  # a worker notices within 0.1 s, then finishes what is in flight
@@ -124,6 +126,8 @@ def test_parent_killed_leaves_no_worker_behind(server: DevServer, tmp_path: Path
     time.sleep(1.5)
     assert len(server.requests) == seen  # nobody is fetching any more
     assert seen < 400
+    orphans = [pid for pid in worker_pids if os.path.exists(f"/proc/{pid}")]
+    assert orphans == []  # and the idle workers left instead of waiting forever
 
 
 def test_gzip_on_a_pipe_that_hands_over_one_byte_first(server: DevServer, tmp_path: Path) -> None:

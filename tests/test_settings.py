@@ -79,6 +79,11 @@ def test_unknown_config_key_names_key_and_file(tmp_path: Path) -> None:
         ("output:\n  name_template: '../{url_hash}'\n", "output.name_template"),
         ("output:\n  name_template: '{nope}'\n", "unknown field"),
         ("output:\n  name_template: '{url_hash!r}'\n", "conversions"),
+        ("limits:\n  hosts:\n    'a.example:8080': {rate: 1}\n", "without scheme, port"),
+        (
+            "limits:\n  hosts:\n    a.example: {rate: 1, conections: 2}\n",
+            "limits.hosts.a.example.conections .*did you mean 'connections'",
+        ),
     ],
 )
 def test_bad_config_values_are_named(tmp_path: Path, text: str, expected: str) -> None:
