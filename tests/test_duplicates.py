@@ -45,3 +45,25 @@ def test_duplicate_of_a_failed_url_fails_the_same_way(server: DevServer, tmp_pat
     assert [r["duplicate_of"] for r in records] == [None, f"{listing}:1", f"{listing}:1"]
     assert len(server.requests) == 1
     assert (tmp_path / "out" / "failures.txt").read_text().split() == [records[0]["url"]]
+
+
+def test_names_differing_only_in_case_collide_on_a_case_blind_disk(tmp_path: Path) -> None:
+    from downloader.dedupe import Duplicates
+    from downloader.outcomes import Job, Outcome
+    from downloader.storage import stem_for
+
+    recorded: list[Outcome] = []
+    for fold, expected in ((True, ["name_collision"]), (False, [])):
+        recorded.clear()
+        dedupe = Duplicates(
+            tmp_path / f"d{fold}.sqlite",
+            recorded.append,
+            lambda job: stem_for(job, "{url_hash}"),
+            fold_case=fold,
+        )
+        first = Job(url="http://a.example/1.jpg", input="x.csv", line=2, name="Cat")
+        second = Job(url="http://a.example/2.jpg", input="x.csv", line=3, name="cat")
+        assert dedupe.admit(first)
+        assert dedupe.admit(second) is (not fold)
+        dedupe.close()
+        assert [str(o.reason) for o in recorded] == expected

@@ -1,0 +1,102 @@
+"""Property tests: URL checks and name building never raise anything but the documented
+error, and no name ever lands outside OUTDIR."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from downloader.errors import UnsafeNameError
+from downloader.netpolicy import NetworkPolicy, parse_host
+from downloader.outcomes import Job
+from downloader.sources import InvalidUrl, check_url
+from downloader.storage import safe_relpath, stem_for
+
+ROOT = Path(tempfile.gettempdir()) / "imgdl-property-root"
+
+url_like = st.one_of(
+    st.text(max_size=200),
+    st.builds(
+        lambda scheme, host, path: f"{scheme}://{host}/{path}",
+        st.sampled_from(["http", "https", "HTTP", "ftp", "javascript", "", "file"]),
+        st.text(max_size=40),
+        st.text(max_size=80),
+    ),
+)
+name_like = st.one_of(
+    st.text(max_size=300),
+    st.lists(
+        st.sampled_from(
+            [
+                "..",
+                ".",
+                "",
+                "a",
+                "CON",
+                "nul.txt",
+                "x" * 260,
+                "\x00",
+                "/",
+                "\\",
+                ".imgdl",
+                "previous-runs",
+                "ok.jpg",
+                "é",
+                "a b",
+                "c.",
+            ]
+        ),
+        max_size=8,
+    ).map("/".join),
+)
+
+
+@given(url_like)
+@settings(max_examples=400)
+def test_check_url_only_raises_invalid_url(raw: str) -> None:
+    try:
+        url = check_url(raw)
+    except InvalidUrl as exc:
+        assert str(exc)
+        return
+    assert url.lower().startswith(("http://", "https://"))
+
+
+@given(name_like)
+@settings(max_examples=600)
+def test_safe_relpath_stays_inside(raw: str) -> None:
+    try:
+        rel = safe_relpath(raw)
+    except UnsafeNameError:
+        return
+    final = os.path.realpath(os.path.join(ROOT, rel + ".jpg"))
+    assert final.startswith(str(ROOT) + os.sep)
+    assert "\x00" not in rel
+    assert all(len(p.encode("utf-8", "surrogatepass")) <= 255 for p in rel.split("/"))
+
+
+@given(url_like.filter(lambda u: u.isprintable()), st.integers(1, 10**9))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.filter_too_much])
+def test_template_names_stay_inside(url: str, line: int) -> None:
+    job = Job(url=url, input="list.txt", line=line)
+    for template in ("{url_hash:.3}/{url_hash}", "{host}/{basename}", "{input}/{line}-{basename}"):
+        try:
+            rel = stem_for(job, template)
+        except UnsafeNameError:
+            continue
+        final = os.path.realpath(os.path.join(ROOT, rel + ".png"))
+        assert final.startswith(str(ROOT) + os.sep)
+
+
+@given(st.text(max_size=60))
+@settings(max_examples=400)
+def test_host_checks_only_raise_the_documented_error(host: str) -> None:
+    parse_host(host)  # never raises
+    try:
+        NetworkPolicy().check_host(host)
+    except Exception as exc:
+        assert type(exc).__name__ == "BlockedAddressError"
