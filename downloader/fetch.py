@@ -47,12 +47,14 @@ class _Failed(Exception):
         error: str,
         http_status: int | None = None,
         retry_after: str | None = None,
+        final: bool = False,
     ) -> None:
         super().__init__(error)
         self.reason = reason
         self.error = error
         self.http_status = http_status
         self.retry_after = retry_after
+        self.final = final  # the same request would fail the same way: never retry
 
 
 def _ms_since(started: float) -> int:
@@ -117,9 +119,9 @@ class Fetcher:
         started = time.monotonic()
         try:
             stem = self.store.stem_for(job)
+            existing = self.store.existing(stem)
         except UnsafeNameError as exc:
             return Outcome.not_saved(job, Reason.INVALID_NAME, error=str(exc))
-        existing = self.store.existing(stem)
         if existing is not None:
             return Outcome.not_saved(job, Reason.SKIPPED_EXISTS, path=existing)
         attempt = 0
@@ -133,6 +135,15 @@ class Fetcher:
             except _Failed as exc:
                 reason, error = exc.reason, exc.error
                 http_status, retry_after = exc.http_status, exc.retry_after
+                if exc.final:
+                    return Outcome.not_saved(
+                        job,
+                        reason,
+                        http_status=http_status,
+                        error=error,
+                        attempts=attempt,
+                        elapsed_ms=_ms_since(started),
+                    )
             except UnsafeNameError as exc:
                 return Outcome.not_saved(job, Reason.INVALID_NAME, error=str(exc), attempts=attempt)
             except NameTakenError as exc:
@@ -140,7 +151,7 @@ class Fetcher:
                     job,
                     Reason.NAME_COLLISION,
                     path=str(exc),
-                    error=f"another line of this run already saved a different file as {exc}",
+                    error=f"the name {exc} is already taken by another file in the output folder",
                     attempts=attempt,
                 )
             except Exception as exc:  # every other failure is classified, never raised
@@ -191,10 +202,15 @@ class Fetcher:
         try:
             target = url.join(URL(location))
         except ValueError as exc:
-            raise _Failed(Reason.PROTOCOL_ERROR, f"bad redirect Location: {exc}", status) from None
+            raise _Failed(
+                Reason.PROTOCOL_ERROR, f"bad redirect Location: {exc}", status, final=True
+            ) from None
         if target.scheme not in ("http", "https") or not target.raw_host:
             raise _Failed(
-                Reason.PROTOCOL_ERROR, f"redirect to a URL imgdl does not fetch: {target}", status
+                Reason.PROTOCOL_ERROR,
+                f"redirect to a URL imgdl does not fetch: {target}",
+                status,
+                final=True,
             )
         return target
 

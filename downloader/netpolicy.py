@@ -50,6 +50,11 @@ def parse_host(host: str) -> IPAddress | None:
         return None
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_V4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated, still routed by some stacks
+_METADATA_RANGE = ipaddress.IPv4Network("169.254.0.0/16")
+
+
 def _embedded_v4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     if address.ipv4_mapped is not None:
         return address.ipv4_mapped
@@ -57,7 +62,8 @@ def _embedded_v4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None
         return address.sixtofour
     if address.teredo is not None:
         return address.teredo[1]
-    if address in ipaddress.IPv6Network("64:ff9b::/96"):  # NAT64
+    if address in _NAT64 or (address in _V4_COMPATIBLE and int(address) > 0xFFFF):
+        # 64:ff9b::a.b.c.d, and ::a.b.c.d (but :: and ::1 are themselves)
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None
 
@@ -88,7 +94,9 @@ class NetworkPolicy:
             kind = (
                 "loopback"
                 if address.is_loopback
-                else "link-local (cloud metadata lives here)"
+                else "link-local, where cloud metadata services live"
+                if address in _METADATA_RANGE
+                else "link-local"
                 if address.is_link_local
                 else "unspecified"
                 if address.is_unspecified

@@ -39,7 +39,6 @@ from downloader.sources import InputList, read_in_background
 from downloader.state import FAILURES, LineSet, RunState, read_records
 from downloader.storage import case_insensitive, names_may_collide, stem_for
 from downloader.telemetry import get_logger
-from downloader.transport import ssl_context
 from downloader.validate import require_pillow
 from downloader.worker import ShardResult, WorkerContext, init_worker, run_shard
 
@@ -137,7 +136,6 @@ class Runner:
             ) from None
 
     def run(self) -> tuple[int, dict[str, Any]]:
-        ssl_context(self.settings.tls)  # a bad CA bundle is a config error, before any work
         require_pillow(self.settings.validate_)
         if not self.settings.tls.verify:
             log.warning(

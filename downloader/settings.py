@@ -268,6 +268,11 @@ def _is_plain_str(key: str) -> bool:
     return False
 
 
+def _is_list(key: str) -> bool:
+    section, name = key.split(".")
+    return typing.get_origin(SECTIONS[section].model_fields[name].annotation) is list
+
+
 def _read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     out: dict[str, tuple[Any, str]] = {}
     for name, raw in env.items():
@@ -283,6 +288,8 @@ def _read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
                 value = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError:
                 value = raw
+            if _is_list(key) and isinstance(value, str):  # a,b,c is a list too
+                value = [item.strip() for item in value.split(",") if item.strip()]
         out[key] = (value, f"env {name}")
     return out
 
@@ -342,9 +349,15 @@ def _nested_fields(loc: list[str]) -> list[str]:
 def _check_consistency(settings: Settings, layers: Mapping[str, tuple[Any, str]]) -> None:
     # Imported here: storage depends on settings' types only through plain values.
     from downloader.storage import check_template
+    from downloader.transport import ssl_context
 
-    try:
-        check_template(settings.output.name_template)
-    except ConfigError as exc:
-        source = layers.get("output.name_template", (None, "default"))[1]
-        raise ConfigError(f"output.name_template (from {source}): {exc}") from None
+    checks = (
+        ("output.name_template", lambda: check_template(settings.output.name_template)),
+        ("tls.ca_bundle", lambda: ssl_context(settings.tls)),
+    )
+    for key, check in checks:
+        try:
+            check()
+        except ConfigError as exc:
+            source = layers.get(key, (None, "default"))[1]
+            raise ConfigError(f"{key} (from {source}): {exc}") from None

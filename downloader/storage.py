@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 import string
 import threading
 from pathlib import Path
@@ -74,11 +75,15 @@ def check_template(template: str) -> None:
 
 
 def _fields(job: Job) -> dict[str, str | int]:
-    parts = urlsplit(job.url)
-    last = unquote(parts.path.rsplit("/", 1)[-1])
+    try:
+        parts = urlsplit(job.url)
+        path, hostname = parts.path, parts.hostname
+    except ValueError:  # checked URLs never get here; names must not raise all the same
+        path, hostname = "", None
+    last = unquote(path.rsplit("/", 1)[-1])
     stem = os.path.splitext(last)[0]
     basename = _UNSAFE_BASENAME.sub("_", stem).strip("._")[:100] or "image"
-    host = _UNSAFE_BASENAME.sub("_", (parts.hostname or "nohost")).strip("._") or "nohost"
+    host = _UNSAFE_BASENAME.sub("_", (hostname or "nohost")).strip("._") or "nohost"
     input_stem = Path(job.input).name.split(".")[0] or "stdin"
     return {
         "url_hash": url_hash(job.url),
@@ -157,10 +162,13 @@ class Store:
         base = os.path.join(self.root, stem)
         for ext in EXTENSIONS:
             try:
-                if os.stat(base + ext).st_size > 0:  # an empty file is no image
-                    return stem + ext
+                info = os.lstat(base + ext)
             except OSError:
                 continue
+            if stat.S_ISLNK(info.st_mode):  # planted: it could point anywhere
+                raise UnsafeNameError(f"a symbolic link stands at {stem + ext}")
+            if stat.S_ISREG(info.st_mode) and info.st_size > 0:  # an empty file is no image
+                return stem + ext
         return None
 
     async def open_part(self, stem: str) -> PartFile:

@@ -33,7 +33,7 @@ def ssl_context(tls: TlsSettings) -> ssl.SSLContext | bool:
             else:
                 context.load_verify_locations(cafile=str(tls.ca_bundle))
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"tls.ca_bundle {tls.ca_bundle}: {exc}") from None
+            raise ConfigError(f"cannot load {tls.ca_bundle}: {exc}") from None
     return context
 
 

@@ -148,6 +148,7 @@ def test_names_cannot_escape_outdir(hostile: DevServer, tmp_path: Path) -> None:
     elsewhere.mkdir()
     out.mkdir()
     (out / "planted").symlink_to(elsewhere, target_is_directory=True)
+    (out / "linked.png").symlink_to("/etc/hostname")  # a file link where an image would go
     names = {
         "climb": "../../evil",
         "absolute": "/etc/evil",
@@ -157,6 +158,7 @@ def test_names_cannot_escape_outdir(hostile: DevServer, tmp_path: Path) -> None:
         "state_dir": ".imgdl/parts/evil",
         "planted_symlink": "planted/evil",
         "trailing_dot": "evil.",
+        "planted_file_link": "linked",
     }
     rows = "".join(f'{hostile.url}/i/{n}.jpg,"{name}"\n' for n, name in enumerate(names.values()))
     listing = tmp_path / "n.csv"

@@ -89,6 +89,7 @@ def test_redirects_are_capped_and_checked(server: DevServer, tmp_path: Path) -> 
     assert by_url[urls["loop"]]["reason"] == "too_many_redirects"
     assert sum(1 for _, _, p in server.requests if p == "/loop/1") == 6  # first + 5 hops
     assert by_url[urls["ftp"]]["reason"] == "protocol_error"
+    assert by_url[urls["ftp"]]["attempts"] == 1  # it would be refused again: no retry
     assert by_url[urls["ok"]]["status"] == "saved"
     assert by_url[urls["ok"]]["final_url"] == f"{server.url}/i/4.jpg"
 

@@ -102,6 +102,11 @@ def test_bad_env_value_and_unknown_env_name(tmp_path: Path) -> None:
     assert "IMGDL_HTTP_CONCURENCY" in result.stderr and "IMGDL_HTTP_CONCURRENCY" in result.stderr
 
 
+def test_list_settings_from_env_take_commas() -> None:
+    rows = _show(env=clean_env(IMGDL_NETWORK_ALLOW="10.0.0.0/8, 127.0.0.0/8"))
+    assert rows["network.allow"][0] == "['10.0.0.0/8', '127.0.0.0/8']"
+
+
 def test_missing_config_file_is_exit_2(tmp_path: Path) -> None:
     result = run_cli("config", "show", "--config", str(tmp_path / "none.yaml"))
     assert result.returncode == 2
