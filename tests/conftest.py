@@ -6,7 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,28 @@ def run_cli(
         done.stdout.decode(errors="replace"),
         done.stderr.decode(errors="replace"),
     )
+
+
+def start_cli(
+    *args: str, stdin: int = subprocess.DEVNULL, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``imgdl ARGS`` as a real subprocess and return at once (stderr is piped)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "downloader", *args],
+        stdin=stdin,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env if env is not None else clean_env(),
+    )
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
 
 
 def read_manifest(outdir: Path) -> list[dict[str, Any]]:

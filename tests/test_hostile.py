@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import ssl
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -23,7 +21,7 @@ from PIL import Image
 
 from downloader.devserver import DevServer
 from downloader.proctree import descendants, rss_kib
-from tests.conftest import clean_env, image_files, read_manifest, run_cli, write_list
+from tests.conftest import clean_env, image_files, read_manifest, run_cli, start_cli, write_list
 from tests.rawserver import RawServer
 
 
@@ -211,11 +209,13 @@ def test_memory_stays_flat_on_a_one_gigabyte_body(
 ) -> None:
     listing = write_list(tmp_path / "u.txt", [f"{hostile.url}/{route}/{n}" for n in range(2)])
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "downloader", "fetch", str(listing), "-o", str(out), "--tries", "1"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    proc = start_cli(
+        "fetch",
+        str(listing),
+        "-o",
+        str(out),
+        "--tries",
+        "1",
         env=clean_env(IMGDL_VALIDATE_MAX_BYTES=str(1 << 30)),  # the cap far away: 1 GiB
     )
     peak = 0

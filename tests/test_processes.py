@@ -5,24 +5,21 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from downloader.devserver import DevServer
 from downloader.proctree import workers
-from tests.conftest import clean_env, image_files, read_manifest, read_summary, write_list
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
+from tests.conftest import (
+    image_files,
+    read_manifest,
+    read_summary,
+    start_cli,
+    wait_for,
+    write_list,
+)
 
 
 def _block_requests(server: DevServer) -> int:
@@ -30,24 +27,7 @@ def _block_requests(server: DevServer) -> int:
 
 
 def _start(listing: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "downloader",
-            "fetch",
-            str(listing),
-            "-o",
-            str(out),
-            "--processes",
-            "2",
-            *extra,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-    )
+    return start_cli("fetch", str(listing), "-o", str(out), "--processes", "2", *extra)
 
 
 @pytest.mark.slow
@@ -59,7 +39,7 @@ def test_worker_killed_mid_shard_is_retried(server: DevServer, tmp_path: Path) -
     out = tmp_path / "out"
     proc = _start(listing, out, "--shard-size", "40", "--concurrency", "8")
     try:
-        _wait_for(lambda: server.blocked >= 8)
+        wait_for(lambda: server.blocked >= 8)
         pool = workers(proc.pid)
         assert len(pool) == 2, pool
         for pid in pool:  # kill the whole pool: the shards in flight lose their worker
@@ -88,7 +68,7 @@ def test_shard_whose_worker_dies_twice_is_worker_crashed(server: DevServer, tmp_
     proc = _start(listing, out, "--shard-size", "6", "--concurrency", "6")
     try:
         for round_ in (1, 2):
-            _wait_for(lambda n=round_: _block_requests(server) >= 12 * n)
+            wait_for(lambda n=round_: _block_requests(server) >= 12 * n)
             for pid in workers(proc.pid):
                 os.kill(pid, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=60)
@@ -117,7 +97,7 @@ def test_signal_stops_run_and_accounts_every_line(
     out = tmp_path / "out"
     proc = _start(listing, out, "--shard-size", "24", "--concurrency", "4")
     try:
-        _wait_for(lambda: server.blocked >= 4)
+        wait_for(lambda: server.blocked >= 4)
         proc.send_signal(sig)
         time.sleep(0.5)
         server.release()  # the downloads in flight finish inside the grace period
@@ -147,7 +127,7 @@ def test_second_sigint_aborts_at_once(server: DevServer, tmp_path: Path) -> None
     out = tmp_path / "out"
     proc = _start(listing, out, "--shard-size", "8", "--concurrency", "8")
     try:
-        _wait_for(lambda: server.blocked >= 6)
+        wait_for(lambda: server.blocked >= 6)
         proc.send_signal(signal.SIGINT)
         time.sleep(1.0)  # the grace period (20 s) is running: blocked downloads wait
         assert proc.poll() is None

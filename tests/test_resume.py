@@ -6,8 +6,6 @@ import gzip
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,11 +14,11 @@ import pytest
 from downloader.devserver import DevServer
 from downloader.proctree import descendants
 from tests.conftest import (
-    clean_env,
     image_files,
     read_manifest,
     read_summary,
     run_cli,
+    start_cli,
     write_list,
 )
 
@@ -31,9 +29,6 @@ def test_kill_9_then_same_command_finishes_exactly_once(server: DevServer, tmp_p
     listing = write_list(tmp_path / "u.txt", urls)
     out = tmp_path / "out"
     command = [
-        sys.executable,
-        "-m",
-        "downloader",
         "fetch",
         str(listing),
         "-o",
@@ -45,13 +40,7 @@ def test_kill_9_then_same_command_finishes_exactly_once(server: DevServer, tmp_p
         "--concurrency",
         "8",
     ]
-    proc = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=clean_env(),
-    )
+    proc = start_cli(*command)
     try:
         deadline = time.monotonic() + 30
         while len(server.requests) < 250 and time.monotonic() < deadline:
@@ -226,26 +215,17 @@ def test_stopped_retry_of_failures_keeps_what_it_did_not_reach(tmp_path: Path) -
     failures = out / "failures.txt"
     assert len(failures.read_text().split()) == 200
     with DevServer(port=port) as server:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "downloader",
-                "fetch",
-                str(failures),
-                "-o",
-                str(out),
-                "--processes",
-                "1",
-                "--shard-size",
-                "10",
-                "--concurrency",
-                "2",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=clean_env(),
+        proc = start_cli(
+            "fetch",
+            str(failures),
+            "-o",
+            str(out),
+            "--processes",
+            "1",
+            "--shard-size",
+            "10",
+            "--concurrency",
+            "2",
         )
         deadline = time.monotonic() + 30
         while len(server.requests) < 15 and time.monotonic() < deadline:
@@ -274,13 +254,7 @@ def test_retry_of_failures_killed_then_the_same_command(tmp_path: Path) -> None:
     failures = out / "failures.txt"
     command = ["fetch", str(failures), "-o", str(out), "--shard-size", "20", "--concurrency", "4"]
     with DevServer(port=port) as server:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "downloader", *command],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=clean_env(),
-        )
+        proc = start_cli(*command)
         deadline = time.monotonic() + 30
         while len(server.requests) < 60 and time.monotonic() < deadline:
             time.sleep(0.05)

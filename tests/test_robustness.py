@@ -6,7 +6,6 @@ import gzip
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from downloader.devserver import DevServer
 from downloader.proctree import workers
-from tests.conftest import clean_env, read_manifest, read_summary, run_cli, write_list
+from tests.conftest import clean_env, read_manifest, read_summary, run_cli, start_cli, write_list
 from tests.rawserver import RawServer
 
 
@@ -41,11 +40,12 @@ def test_undecodable_reason_phrase_does_not_hang(
 
 def test_sigterm_while_stdin_is_blocked(server: DevServer, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "downloader", "fetch", "-", "-o", str(out)],
+    proc = start_cli(
+        "fetch",
+        "-",
+        "-o",
+        str(out),
         stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
         env=clean_env(),
     )
     assert proc.stdin is not None
@@ -68,11 +68,11 @@ def test_sigterm_while_stdin_is_blocked(server: DevServer, tmp_path: Path) -> No
 def test_second_run_on_the_same_folder_is_refused(server: DevServer, tmp_path: Path) -> None:
     listing = write_list(tmp_path / "u.txt", [f"{server.url}/block/{n}" for n in range(2)])
     out = tmp_path / "out"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "downloader", "fetch", str(listing), "-o", str(out)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    first = start_cli(
+        "fetch",
+        str(listing),
+        "-o",
+        str(out),
         env=clean_env(),
     )
     try:
@@ -93,25 +93,17 @@ def test_second_run_on_the_same_folder_is_refused(server: DevServer, tmp_path: P
 def test_parent_killed_leaves_no_worker_behind(server: DevServer, tmp_path: Path) -> None:
     listing = write_list(tmp_path / "u.txt", [f"{server.url}/slow/200/{n}" for n in range(400)])
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "downloader",
-            "fetch",
-            str(listing),
-            "-o",
-            str(out),
-            "--processes",
-            "2",
-            "--shard-size",
-            "100",
-            "--concurrency",
-            "4",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = start_cli(
+        "fetch",
+        str(listing),
+        "-o",
+        str(out),
+        "--processes",
+        "2",
+        "--shard-size",
+        "100",
+        "--concurrency",
+        "4",
         env=clean_env(),
     )
     deadline = time.monotonic() + 20
@@ -133,11 +125,12 @@ def test_parent_killed_leaves_no_worker_behind(server: DevServer, tmp_path: Path
 def test_gzip_on_a_pipe_that_hands_over_one_byte_first(server: DevServer, tmp_path: Path) -> None:
     body = gzip.compress("".join(f"{server.url}/i/{n}.jpg\n" for n in range(5)).encode())
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "downloader", "fetch", "-", "-o", str(out)],
+    proc = start_cli(
+        "fetch",
+        "-",
+        "-o",
+        str(out),
         stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
         env=clean_env(),
     )
     assert proc.stdin is not None
@@ -186,23 +179,15 @@ def test_shards_that_never_started_are_not_charged(server: DevServer, tmp_path: 
     ]
     listing = write_list(tmp_path / "u.txt", urls)
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "downloader",
-            "fetch",
-            str(listing),
-            "-o",
-            str(out),
-            "--processes",
-            "1",
-            "--shard-size",
-            "4",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    proc = start_cli(
+        "fetch",
+        str(listing),
+        "-o",
+        str(out),
+        "--processes",
+        "1",
+        "--shard-size",
+        "4",
         env=clean_env(IMGDL_RUN_SHARDS_IN_FLIGHT="3"),
     )
     try:
