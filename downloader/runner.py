@@ -36,7 +36,16 @@ from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport
 from downloader.settings import Settings
 from downloader.sharding import Shard, Tick
 from downloader.sources import InputList, read_in_background
-from downloader.state import FAILURES, LineSet, RunState, read_records
+from downloader.state import (
+    ARCHIVE_DIR,
+    FAILURES,
+    MANIFEST,
+    STATE_DIR,
+    SUMMARY,
+    LineSet,
+    RunState,
+    read_records,
+)
 from downloader.storage import case_insensitive, names_may_collide, stem_for
 from downloader.telemetry import get_logger
 from downloader.validate import require_pillow
@@ -90,6 +99,7 @@ class Runner:
         self._signal_exit: int | None = None
         self._reader_errors: list[str] = []
         self._abort = False
+        self._probe_existing = True
 
     # -- signals -------------------------------------------------------------
 
@@ -128,6 +138,12 @@ class Runner:
     def _open_state(self) -> LineSet:
         try:
             self.outdir.mkdir(parents=True, exist_ok=True)
+            own = {STATE_DIR, ARCHIVE_DIR, MANIFEST, FAILURES, SUMMARY}
+            empty = not any(entry.name not in own for entry in os.scandir(self.outdir))
+            output = self.settings.output
+            self._probe_existing = not empty or names_may_collide(
+                output.name_template, self.settings.input.name_column
+            )
             return self.state.open([i.label for i in self.inputs])
         except OSError as exc:
             where = exc.filename or self.outdir
@@ -222,6 +238,7 @@ class Runner:
             stop=self._stop,
             limits=self._limits,
             parent_pid=os.getpid(),
+            probe_existing=self._probe_existing,
         )
         return ProcessPoolExecutor(
             max_workers=self.settings.processes,

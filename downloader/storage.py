@@ -147,9 +147,14 @@ def names_may_collide(template: str, name_column: str | None) -> bool:
 class Store:
     """The local output folder. Later backends (object stores) keep this interface."""
 
-    def __init__(self, root: Path, template: str) -> None:
+    def __init__(self, root: Path, template: str, probe: bool = True) -> None:
+        """``probe=False`` when no file can be in the way: the folder held no images
+        when the run began and every URL gets a name of its own (the default
+        template), so the nine ``lstat`` calls per image that look for one are saved.
+        The no-clobber link still refuses to replace anything."""
         self.root = root.resolve()
         self.template = template
+        self.probe = probe
         self._checked_dirs: set[str] = set()
         self._parts = self.root / PARTS_DIR / str(os.getpid())
         self._parts.mkdir(parents=True, exist_ok=True)
@@ -159,6 +164,8 @@ class Store:
 
     def existing(self, stem: str) -> str | None:
         """The relative path of an image already saved under ``stem``, if any."""
+        if not self.probe:
+            return None
         base = os.path.join(self.root, stem)
         for ext in EXTENSIONS:
             try:
@@ -179,7 +186,7 @@ class Store:
             if real != str(self.root) and not real.startswith(str(self.root) + os.sep):
                 raise UnsafeNameError(f"{stem!r} resolves outside the output folder")
             self._checked_dirs.add(final_dir)
-        return await PartFile.open(self.root, stem, self._parts)
+        return await PartFile.open(self.root, stem, self._parts, self.probe)
 
 
 _COMMIT_LOCK = threading.Lock()
@@ -189,7 +196,7 @@ class NameTakenError(Exception):
     """The final name already holds another file."""
 
 
-def _link_into_place(part: str, stem: str, ext: str) -> None:
+def _link_into_place(part: str, stem: str, ext: str, siblings: bool = True) -> None:
     """Atomic, no-clobber rename: link to the final name, then drop the part name.
 
     The stem names the image: a file under the same stem with another image
@@ -197,7 +204,7 @@ def _link_into_place(part: str, stem: str, ext: str) -> None:
     """
     final = stem + ext
     with _COMMIT_LOCK:  # the sibling check and the link are one step within a process
-        if any(os.path.lexists(stem + other) for other in EXTENSIONS if other != ext):
+        if siblings and any(os.path.lexists(stem + o) for o in EXTENSIONS if o != ext):
             raise FileExistsError(final)
         try:
             os.link(part, final)
@@ -214,7 +221,10 @@ def _link_into_place(part: str, stem: str, ext: str) -> None:
 class PartFile:
     """A body being written: ``commit`` renames it into place, ``abort`` removes it."""
 
-    def __init__(self, root: Path, stem: str, part: str, handle: AsyncBufferedIOBase) -> None:
+    def __init__(
+        self, root: Path, stem: str, part: str, handle: AsyncBufferedIOBase, probe: bool
+    ) -> None:
+        self._probe = probe
         self._root = root
         self._stem = stem
         self._part = part
@@ -222,10 +232,10 @@ class PartFile:
         self._closed = False
 
     @classmethod
-    async def open(cls, root: Path, stem: str, parts: Path) -> Self:
+    async def open(cls, root: Path, stem: str, parts: Path, probe: bool = True) -> Self:
         part = os.path.join(parts, secrets.token_hex(8) + PART_SUFFIX)
         handle = await aiofiles.open(part, "wb")
-        return cls(root, stem, part, handle)
+        return cls(root, stem, part, handle, probe)
 
     @property
     def path(self) -> Path:
@@ -244,7 +254,11 @@ class PartFile:
         relpath = self._stem + ext
         try:
             await asyncio.to_thread(
-                _link_into_place, self._part, os.path.join(self._root, self._stem), ext
+                _link_into_place,
+                self._part,
+                os.path.join(self._root, self._stem),
+                ext,
+                self._probe,
             )
         except FileExistsError:
             await self.abort()

@@ -45,6 +45,8 @@ class WorkerContext:
     stop: MpEvent
     limits: SharedLimits
     parent_pid: int
+    #: False only when no file can stand at a final name (see Store)
+    probe_existing: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -162,7 +164,11 @@ class _ShardRun:
         async with open_session(self.settings, policy) as session:
             fetcher = Fetcher(
                 session,
-                Store(self.context.outdir, self.settings.output.name_template),
+                Store(
+                    self.context.outdir,
+                    self.settings.output.name_template,
+                    probe=self.context.probe_existing,
+                ),
                 self.settings,
                 Limiter(self.settings.limits, self.context.limits),
                 policy,
