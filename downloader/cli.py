@@ -86,6 +86,13 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
         "Total seconds per request [default: 120].",
     ),
     (
+        "--revalidate",
+        "run.revalidate",
+        "flag",
+        "Ask the server again (If-None-Match / If-Modified-Since) about images an "
+        "earlier run saved: 304 keeps them (not_modified), 200 replaces them.",
+    ),
+    (
         "--tries",
         "retry.attempts",
         click.IntRange(1),
@@ -110,9 +117,9 @@ def _setting_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add every override flag and ``--config`` to a command."""
     for flag, key, type_, help_ in reversed(_OVERRIDES):
         names = [flag, "-o"] if flag == "--output" else [flag]
-        func = click.option(*names, key.replace(".", "__"), type=type_, default=None, help=help_)(
-            func
-        )
+        kind: dict[str, Any] = {"is_flag": True} if type_ == "flag" else {"type": type_}
+        option = click.option(*names, key.replace(".", "__"), default=None, help=help_, **kind)
+        func = option(func)
     func = click.option(
         "--config",
         "config_file",

@@ -25,6 +25,7 @@ Routes (``N`` is any integer; it picks an image, so every URL is distinct):
     /huge/N               1 GiB, streamed without Content-Length
     /declared-huge/N      says Content-Length: 1 GiB
     /body/NAME            the bytes and Content-Type given as ``bodies[NAME]``
+    /etag/N               image N + ``etag_version`` with an ETag; 304 on If-None-Match
     /loop/N               302 to itself, forever
     /_stats               JSON: requests seen so far
 """
@@ -78,6 +79,7 @@ class DevServer:
         self.hits: dict[str, int] = {}
         self.user_agents: set[str] = set()
         self.inflight = 0
+        self.etag_version = 0
         self._bomb_cache: bytes | None = None
         self.max_inflight = 0
         self._thread: threading.Thread | None = None
@@ -111,6 +113,7 @@ class DevServer:
         app.router.add_get("/huge/{n:\\d+}", self._huge)
         app.router.add_get("/declared-huge/{n:\\d+}", self._declared_huge)
         app.router.add_get("/body/{name}", self._body)
+        app.router.add_get("/etag/{n:\\d+}", self._etag)
         app.router.add_get("/_stats", self._stats)
         return app
 
@@ -260,6 +263,14 @@ class DevServer:
             body=self._JPEG_HEAD,
             headers={"Content-Type": "image/jpeg", "Content-Length": str(1 << 30)},
         )
+
+    async def _etag(self, request: web.Request) -> web.Response:
+        n = int(request.match_info["n"])
+        tag = f'"v{self.etag_version}-{n}"'
+        if request.headers.get("If-None-Match") == tag:
+            return web.Response(status=304, headers={"ETag": tag})
+        body, mime = self.image(n + self.etag_version)
+        return web.Response(body=body, headers={"Content-Type": mime, "ETag": tag})
 
     async def _body(self, request: web.Request) -> web.Response:
         found = self.bodies.get(request.match_info["name"])

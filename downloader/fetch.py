@@ -8,8 +8,10 @@ closed set; nothing raised here escapes to stop the other URLs of a shard
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
+import os
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
 from urllib.parse import urlsplit
@@ -55,6 +57,16 @@ class _Failed(Exception):
         self.http_status = http_status
         self.retry_after = retry_after
         self.final = final  # the same request would fail the same way: never retry
+
+
+def _conditions(job: Job) -> dict[str, str]:
+    """Conditional-request headers for a job that revalidates an image saved earlier."""
+    headers = {}
+    if job.etag:
+        headers["If-None-Match"] = job.etag
+    if job.last_modified:
+        headers["If-Modified-Since"] = job.last_modified
+    return headers
 
 
 def _ms_since(started: float) -> int:
@@ -119,7 +131,7 @@ class Fetcher:
         started = time.monotonic()
         try:
             stem = self.store.stem_for(job)
-            existing = self.store.existing(stem)
+            existing = None if job.revalidating else self.store.existing(stem)
         except UnsafeNameError as exc:
             return Outcome.not_saved(job, Reason.INVALID_NAME, error=str(exc))
         if existing is not None:
@@ -173,7 +185,16 @@ class Fetcher:
         async with self._turn(job.url):
             for _ in range(self.max_redirects + 1):
                 self.policy.check_host(url.raw_host or "")
-                async with await self._request(url) as resp:
+                async with await self._request(url, _conditions(job)) as resp:
+                    if resp.status == 304 and job.revalidating:
+                        return Outcome.not_saved(
+                            job,
+                            Reason.NOT_MODIFIED,
+                            http_status=304,
+                            path=job.previous_path,
+                            etag=resp.headers.get("ETag", job.etag),
+                            last_modified=resp.headers.get("Last-Modified", job.last_modified),
+                        )
                     location = resp.headers.get("Location")
                     if resp.status in _REDIRECTS and location:
                         url = self._next_hop(url, location, resp.status)
@@ -184,11 +205,11 @@ class Fetcher:
                     return outcome
         raise _Failed(Reason.TOO_MANY_REDIRECTS, f"more than {self.max_redirects} redirects", None)
 
-    async def _request(self, url: URL) -> aiohttp.ClientResponse:
+    async def _request(self, url: URL, headers: dict[str, str]) -> aiohttp.ClientResponse:
         """Send the request and read the response head; a connection that breaks before
         the head is complete is a protocol error (the server spoke, then hung up)."""
         try:
-            return await self.session.get(url, allow_redirects=False)
+            return await self.session.get(url, allow_redirects=False, headers=headers)
         except aiohttp.ClientConnectorError:
             raise
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -277,7 +298,10 @@ class Fetcher:
             if self.validate.decode:
                 await part.close()
                 await asyncio.to_thread(check_decoded, part.path, image, self.validate)
-            relpath = await part.commit(image.ext)
+            relpath = await part.commit(image.ext, replace=job.revalidating)
+            if job.previous_path and job.previous_path != relpath:  # the type changed
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.store.root, job.previous_path))
         except (BodyError, InvalidImage) as exc:
             if part is not None:
                 await asyncio.shield(part.abort())

@@ -26,6 +26,7 @@ class Reason(enum.StrEnum):
     SKIPPED_EXISTS = "skipped_exists"
     DUPLICATE = "duplicate"
     OPTED_OUT = "opted_out"
+    NOT_MODIFIED = "not_modified"
     # failed: the input itself
     INVALID_URL = "invalid_url"
     INVALID_NAME = "invalid_name"
@@ -57,7 +58,9 @@ class Reason(enum.StrEnum):
         return Status.SKIPPED if self in _SKIP_REASONS else Status.FAILED
 
 
-_SKIP_REASONS = frozenset({Reason.SKIPPED_EXISTS, Reason.DUPLICATE, Reason.OPTED_OUT})
+_SKIP_REASONS = frozenset(
+    {Reason.SKIPPED_EXISTS, Reason.DUPLICATE, Reason.OPTED_OUT, Reason.NOT_MODIFIED}
+)
 
 #: Reasons whose URL is worth feeding back in: everything but a broken input line.
 REFETCHABLE = frozenset(r for r in Reason if r.status is Status.FAILED) - {
@@ -79,6 +82,14 @@ class Job:
     input: str
     line: int
     name: str | None = None
+    #: With run.revalidate, what an earlier run kept of this line's image.
+    etag: str | None = None
+    last_modified: str | None = None
+    previous_path: str | None = None
+
+    @property
+    def revalidating(self) -> bool:
+        return self.previous_path is not None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ a shard that has used up ``run.shard_attempts`` records them as
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import multiprocessing
 import os
@@ -44,6 +45,7 @@ from downloader.state import (
     SUMMARY,
     LineSet,
     RunState,
+    Validators,
     read_records,
 )
 from downloader.storage import case_insensitive, names_may_collide, stem_for
@@ -61,8 +63,13 @@ class _Lines:
     """The input stream as the parent sees it: counted, with lines done earlier left out."""
 
     def __init__(
-        self, items: Iterator[Job | Outcome | Tick], done: LineSet, duplicates: Duplicates
+        self,
+        items: Iterator[Job | Outcome | Tick],
+        done: LineSet,
+        duplicates: Duplicates,
+        validators: Validators | None = None,
     ) -> None:
+        self._validators = validators
         self._items = items
         self._done = done
         self._duplicates = duplicates
@@ -79,12 +86,25 @@ class _Lines:
             self.count += 1
             self.last_line[item.input] = item.line
             if (item.input, item.line) in self._done:
-                self.carried += 1
-                continue
+                again = self._revalidation(item)
+                if again is None:
+                    self.carried += 1
+                    continue
+                item = again
             if isinstance(item, Job) and not self._duplicates.admit(item):
                 continue
             yield item
         self.exhausted = True
+
+    def _revalidation(self, item: Job | Outcome) -> Job | None:
+        """The job that asks the server again about a line done earlier, if we may."""
+        if self._validators is None or not isinstance(item, Job):
+            return None
+        found = self._validators.get(item.input, item.line)
+        if found is None:
+            return None
+        etag, modified, path = found
+        return dataclasses.replace(item, etag=etag, last_modified=modified, previous_path=path)
 
 
 class Runner:
@@ -144,7 +164,9 @@ class Runner:
             self._probe_existing = not empty or names_may_collide(
                 output.name_template, self.settings.input.name_column
             )
-            return self.state.open([i.label for i in self.inputs])
+            return self.state.open(
+                [i.label for i in self.inputs], revalidate=self.settings.run.revalidate
+            )
         except OSError as exc:
             where = exc.filename or self.outdir
             raise ImgdlError(
@@ -179,7 +201,7 @@ class Runner:
         reader = read_in_background(
             self.inputs, buffered=2 * self.settings.run.shard_size, poll=POLL_SECONDS
         )
-        lines = _Lines(reader, done, report.duplicates)
+        lines = _Lines(reader, done, report.duplicates, self.state.validators)
         log.info(
             "run started",
             inputs=[i.label for i in self.inputs],

@@ -52,6 +52,7 @@ class RunSettings(_Section):
     shards_in_flight: int | None = Field(None, ge=1, le=10_000)
     shard_attempts: int = Field(2, ge=1, le=10)
     shard_linger: float = Field(2.0, gt=0)
+    revalidate: bool = False
     grace_period: float = Field(20.0, ge=0)
 
 

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,6 +125,36 @@ def read_records(path: Path) -> Iterator[Outcome]:
         return
 
 
+class Validators:
+    """ETag / Last-Modified / path of the lines an earlier run saved, on disk (SQLite)."""
+
+    def __init__(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.executescript(
+            "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;"
+            "CREATE TABLE v (input TEXT, line INTEGER, etag TEXT, modified TEXT, path TEXT,"
+            " PRIMARY KEY (input, line)); BEGIN;"
+        )
+
+    def add(self, outcome: Outcome) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO v VALUES (?, ?, ?, ?, ?)",
+            (outcome.input, outcome.line, outcome.etag, outcome.last_modified, outcome.path),
+        )
+
+    def get(self, label: str, line: int) -> tuple[str | None, str | None, str] | None:
+        row = self._db.execute(
+            "SELECT etag, modified, path FROM v WHERE input = ? AND line = ?", (label, line)
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("COMMIT")
+        self._db.close()
+
+
 def _nonempty_file(path: Path) -> bool:
     try:
         return path.is_file() and path.stat().st_size > 0
@@ -143,11 +174,16 @@ class RunState:
         self._segment: IO[str] | None = None
         self.archived: Path | None = None
         self._lock_file: IO[str] | None = None
+        self.validators: Validators | None = None
 
     # -- start -----------------------------------------------------------------------
 
-    def open(self, labels: list[str]) -> LineSet:
-        """Prepare OUTDIR for a run over ``labels``; returns the lines already done."""
+    def open(self, labels: list[str], revalidate: bool = False) -> LineSet:
+        """Prepare OUTDIR for a run over ``labels``; returns the lines already done.
+
+        With ``revalidate``, ``self.validators`` then holds the ETag/Last-Modified of
+        every done line that has them.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock()
         # Before anything moves: an input may be this folder's own failures.txt.
@@ -155,6 +191,8 @@ class RunState:
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         self.segments_dir.mkdir(exist_ok=True)
         self._recover_journals()
+        if revalidate:
+            self.validators = Validators(self.dir / "validators.sqlite")
         previous = self._read_run_json()
         has_records = (self.outdir / MANIFEST).exists() or any(self.segments_dir.iterdir())
         if has_records and previous is not None and _same_lists(previous, labels):
@@ -223,6 +261,12 @@ class RunState:
                 continue
             if outcome.path is None or _nonempty_file(self.outdir / outcome.path):
                 done.add(key)
+                if (
+                    self.validators is not None
+                    and outcome.path
+                    and (outcome.etag or outcome.last_modified)
+                ):
+                    self.validators.add(outcome)
         return done
 
     def _archive(self, labels: list[str]) -> None:
@@ -288,5 +332,8 @@ class RunState:
             path.unlink()
         for folder in (self.journal_dir, self.parts_dir):
             shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            (self.dir / "dedupe.sqlite").unlink()
+        if self.validators is not None:
+            self.validators.close()
+        for scratch in ("dedupe.sqlite", "validators.sqlite"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / scratch).unlink()

@@ -196,13 +196,18 @@ class NameTakenError(Exception):
     """The final name already holds another file."""
 
 
-def _link_into_place(part: str, stem: str, ext: str, siblings: bool = True) -> None:
+def _link_into_place(
+    part: str, stem: str, ext: str, siblings: bool = True, replace: bool = False
+) -> None:
     """Atomic, no-clobber rename: link to the final name, then drop the part name.
 
     The stem names the image: a file under the same stem with another image
     extension counts as taken too.
     """
     final = stem + ext
+    if replace:  # a newer version of an image this folder already holds (revalidation)
+        os.replace(part, final)
+        return
     with _COMMIT_LOCK:  # the sibling check and the link are one step within a process
         if siblings and any(os.path.lexists(stem + o) for o in EXTENSIONS if o != ext):
             raise FileExistsError(final)
@@ -244,7 +249,7 @@ class PartFile:
     async def write(self, chunk: bytes) -> None:
         await self._handle.write(chunk)
 
-    async def commit(self, ext: str) -> str:
+    async def commit(self, ext: str, replace: bool = False) -> str:
         """Move the finished body to its final name; returns the path relative to OUTDIR.
 
         Never replaces a file already there: raises NameTakenError instead, so two
@@ -259,6 +264,7 @@ class PartFile:
                 os.path.join(self._root, self._stem),
                 ext,
                 self._probe,
+                replace,
             )
         except FileExistsError:
             await self.abort()

@@ -292,3 +292,35 @@ def test_an_empty_file_is_not_an_image_already_saved(server: DevServer, tmp_path
     (out / "manifest.jsonl").unlink()
     assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 1
     assert read_manifest(out)[0]["reason"] == "name_collision"
+
+
+def test_revalidate_asks_again_and_keeps_or_replaces(server: DevServer, tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/etag/{n}" for n in range(4)])
+    out = tmp_path / "out"
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 0
+    first = {r["line"]: r for r in read_manifest(out)}
+    assert all(r["etag"] == f'"v0-{r["line"] - 1}"' for r in first.values())
+    before = {p: p.stat().st_mtime_ns for p in image_files(out)}
+
+    plain = run_cli("fetch", str(listing), "-o", str(out))  # no revalidation: no request
+    assert plain.returncode == 0 and len(server.requests) == 4
+
+    same = run_cli("fetch", str(listing), "-o", str(out), "--revalidate")
+    assert same.returncode == 0, same.stderr
+    assert len(server.requests) == 8
+    records = read_manifest(out)
+    assert {(r["status"], r["reason"], r["http_status"]) for r in records} == {
+        ("skipped", "not_modified", 304)
+    }
+    assert {r["path"] for r in records} == {r["path"] for r in first.values()}
+    assert {p: p.stat().st_mtime_ns for p in image_files(out)} == before  # nothing rewritten
+
+    server.etag_version = 4  # the server has new images under the same URLs
+    changed = run_cli("fetch", str(listing), "-o", str(out), "--revalidate")
+    assert changed.returncode == 0, changed.stderr
+    records = {r["line"]: r for r in read_manifest(out)}
+    assert {r["status"] for r in records.values()} == {"saved"}
+    for line, record in records.items():
+        assert (out / record["path"]).read_bytes() == server.image(line - 1 + 4)[0]
+        assert record["etag"] == f'"v4-{line - 1}"'
+    assert len(image_files(out)) == 4
