@@ -139,6 +139,8 @@ class Duplicates:
         ).rowcount:
             return True
         (owner,) = self._db.execute("SELECT line FROM stem WHERE stem = ?", (key,)).fetchone()
+        # This line is not fetched: a later line with its URL (and a free name) is the first.
+        self._db.execute("DELETE FROM first WHERE h = ?", (h,))
         self._record(
             Outcome.not_saved(
                 job,
@@ -147,6 +149,21 @@ class Duplicates:
             )
         )
         return False
+
+    def claim_name(self, job: Job) -> None:
+        """A line done by an earlier run keeps its name: a different URL cannot take it."""
+        if self._stem_of is None:
+            return
+        try:
+            stem = self._stem_of(job)
+        except UnsafeNameError:
+            return
+        key = stem.casefold() if self._fold_case else stem
+        self._tick()
+        self._db.execute(
+            "INSERT OR IGNORE INTO stem (stem, h, line) VALUES (?, ?, ?)",
+            (key, _keys(job.url)[0], f"{job.input}:{job.line}"),
+        )
 
     def finished(self, outcome: Outcome) -> None:
         """A fetched line's outcome: remember it, and record the duplicates waiting for it."""

@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.context import SpawnContext
 from multiprocessing.synchronize import Lock
 from typing import Any
@@ -88,7 +88,9 @@ class Limiter:
     def __init__(self, settings: LimitsSettings, shared: SharedLimits) -> None:
         self.settings = settings
         self.shared = shared
-        self.local = AsyncLimiter(settings.rate, 1.0) if settings.rate else None
+        # A bucket must hold one request at least: below 1/s, one per 1/rate seconds.
+        rate = settings.rate
+        self.local = AsyncLimiter(max(1.0, rate), max(1.0, rate) / rate) if rate else None
         self._run_interval = 1.0 / settings.rate if settings.rate else 0.0
         self._burst = settings.burst - 1
 
@@ -132,20 +134,29 @@ class Limiter:
             pause = min(_POLL_MAX, pause * 2)
 
     async def _wait_turn(self, cell: int, host_rate: float | None) -> None:
-        if not self._run_interval and not host_rate:
-            return
-        host_interval = 1.0 / host_rate if host_rate else 0.0
-        shared = self.shared
-        with shared.lock:
+        """The host's turn first, then the run's: a slow host must not reserve the run's
+        bucket ahead and hold every other host back behind it."""
+        if host_rate:
+            await self._reserve(
+                lambda: self.shared.host_tat[cell],
+                lambda v: self.shared.host_tat.__setitem__(cell, v),
+                1.0 / host_rate,
+            )
+        if self._run_interval:
+            shared = self.shared
+            await self._reserve(
+                lambda: shared.run_tat.value,
+                lambda v: setattr(shared.run_tat, "value", v),
+                self._run_interval,
+            )
+
+    async def _reserve(
+        self, get: Callable[[], float], put: Callable[[float], None], interval: float
+    ) -> None:
+        """GCRA: take the earliest send time the bucket allows, then sleep until it."""
+        with self.shared.lock:
             now = time.monotonic()
-            send = now
-            if self._run_interval:
-                send = max(send, shared.run_tat.value - self._burst * self._run_interval)
-            if host_interval:
-                send = max(send, shared.host_tat[cell] - self._burst * host_interval)
-            if self._run_interval:
-                shared.run_tat.value = max(shared.run_tat.value, send) + self._run_interval
-            if host_interval:
-                shared.host_tat[cell] = max(shared.host_tat[cell], send) + host_interval
+            send = max(now, get() - self._burst * interval)
+            put(max(get(), send) + interval)
         if send > now:
             await asyncio.sleep(send - now)

@@ -89,7 +89,7 @@ class RetryPolicy:
 def parse_retry_after(value: str, now: float | None = None) -> float | None:
     """Seconds a ``Retry-After`` header asks for (seconds or HTTP date); None if unreadable."""
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

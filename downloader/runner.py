@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import secrets
 import signal
 import types
 from collections.abc import Iterator
@@ -89,6 +90,8 @@ class _Lines:
                 again = self._revalidation(item)
                 if again is None:
                     self.carried += 1
+                    if isinstance(item, Job):
+                        self._duplicates.claim_name(item)
                     continue
                 item = again
             if isinstance(item, Job) and not self._duplicates.admit(item):
@@ -211,14 +214,17 @@ class Runner:
             already_done=len(done),
         )
         try:
-            shards = sharding.cut(
+            cutter = sharding.Cutter(
                 lines,
                 self.settings.run.shard_size,
                 self.state.journal_dir,
                 report.record,
                 linger=self.settings.run.shard_linger,
+                run_token=secrets.token_hex(4),  # a killed run's journals never clash
             )
-            self._drive(shards, report)
+            self._drive(iter(cutter), report)
+            for job in cutter.pending:  # read, but the run stopped before sending them
+                report.record(Outcome.not_saved(job, Reason.INTERRUPTED, error="stopped"))
             input_errors = [i.error for i in self.inputs if i.error] + self._reader_errors
             complete = lines.exhausted and not input_errors
             summary = report.finish(
@@ -305,7 +311,12 @@ class Runner:
                     if not isinstance(shard, Shard):
                         break
                     original[shard.shard_id] = shard
-                    inflight[self._submit(pool, shard)] = shard
+                    try:
+                        inflight[self._submit(pool, shard)] = shard
+                    except (BrokenProcessPool, RuntimeError):  # it broke since the last wait
+                        pool, inflight = self._recover(
+                            pool, [*inflight.values(), shard], original, report
+                        )
                 if not inflight and (not reading or self._signal_exit is not None):
                     return
                 if not inflight:
@@ -345,8 +356,7 @@ class Runner:
                         "no outcome recorded by the worker",
                     )
                 if broken:
-                    pool = self._rebuild(pool)
-                    inflight = self._resubmit(pool, inflight, original, report)
+                    pool, inflight = self._recover(pool, list(inflight.values()), original, report)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -380,18 +390,42 @@ class Runner:
         self._limits.reset_after_crash()
         return self._new_pool()
 
-    def _resubmit(
+    def _recover(
         self,
         pool: ProcessPoolExecutor,
-        inflight: dict[Future[ShardResult], Shard],
+        shards: list[Shard],
         original: dict[int, Shard],
         report: RunReport,
-    ) -> dict[Future[ShardResult], Shard]:
-        """After a worker died: retry every shard that was in flight, or give up on it."""
-        again: dict[Future[ShardResult], Shard] = {}
-        for shard in inflight.values():
+    ) -> tuple[ProcessPoolExecutor, dict[Future[ShardResult], Shard]]:
+        """A worker died: new pool, then retry or give up on each shard that was in flight.
+        If the new pool breaks while we submit to it, the same again (bounded)."""
+        for _ in range(self.settings.run.shard_attempts + 3):
+            pool = self._rebuild(pool)
+            retry = self._decide(shards, original, report)
+            inflight: dict[Future[ShardResult], Shard] = {}
+            try:
+                for shard in retry:
+                    inflight[self._submit(pool, shard)] = shard
+                return pool, inflight
+            except (BrokenProcessPool, RuntimeError):
+                shards = retry
+        for shard in shards:
+            self._close_shard(
+                original.pop(shard.shard_id),
+                report,
+                Reason.WORKER_CRASHED,
+                "worker processes kept dying at start",
+            )
+        return self._rebuild(pool), {}
+
+    def _decide(
+        self, shards: list[Shard], original: dict[int, Shard], report: RunReport
+    ) -> list[Shard]:
+        """The shards to run again (with what is left of them); the others are closed."""
+        retry: list[Shard] = []
+        for shard in shards:
             if not shard.journal.exists():  # never started: not its fault, same attempt
-                again[self._submit(pool, shard)] = shard
+                retry.append(shard)
                 continue
             journaled = _journaled(shard.journal)
             remaining = tuple(j for j in shard.jobs if (j.input, j.line) not in journaled)
@@ -406,8 +440,7 @@ class Runner:
                     attempt=shard.attempt + 1,
                     remaining=len(remaining),
                 )
-                retry = shard.retry(remaining)
-                again[self._submit(pool, retry)] = retry
+                retry.append(shard.retry(remaining))
                 continue
             reason = Reason.INTERRUPTED if self._signal_exit else Reason.WORKER_CRASHED
             log.error(
@@ -422,7 +455,7 @@ class Runner:
                 reason,
                 f"worker process died ({shard.attempt} attempts)",
             )
-        return again
+        return retry
 
     def _close_shard(self, shard: Shard, report: RunReport, missing: Reason, error: str) -> None:
         report.merge(shard.jobs, _journaled(shard.journal), missing, error)

@@ -5,7 +5,7 @@ as they are read. Only ``size`` jobs are held at once: memory does not grow with
 the list. A slow input (a pipe that yields a URL now and then) still makes
 progress: a partial shard goes out once its first job has waited ``linger``
 seconds. The stream may carry ``TICK`` markers (the reader had nothing new);
-``cut`` answers each with ``None`` ("no shard ready yet") so that its caller
+``Cutter`` answers each with ``None`` ("no shard ready yet") so that its caller
 gets control back and can notice a signal.
 """
 
@@ -42,38 +42,51 @@ class Shard:
         return dataclasses.replace(self, jobs=remaining, attempt=self.attempt + 1)
 
 
-def cut(
-    items: Iterable[Job | Outcome | Tick],
-    size: int,
-    journal_dir: Path,
-    on_invalid: Callable[[Outcome], None],
-    linger: float = 2.0,
-) -> Iterator[Shard | None]:
-    batch: list[Job] = []
-    shard_id = 0
-    first_at = 0.0
+class Cutter:
+    """Iterate to get shards; ``pending`` holds the jobs of the shard being filled."""
 
-    def emit() -> Shard:
-        nonlocal batch, shard_id
-        shard = Shard(shard_id, tuple(batch), journal_dir / f"shard-{shard_id:08d}.jsonl")
-        shard_id += 1
-        batch = []
+    def __init__(
+        self,
+        items: Iterable[Job | Outcome | Tick],
+        size: int,
+        journal_dir: Path,
+        on_invalid: Callable[[Outcome], None],
+        linger: float = 2.0,
+        run_token: str = "",
+    ) -> None:
+        self.items = items
+        self.size = size
+        self.journal_dir = journal_dir
+        self.on_invalid = on_invalid
+        self.linger = linger
+        self.prefix = f"shard-{run_token}-" if run_token else "shard-"
+        self.pending: list[Job] = []
+        self._next_id = 0
+
+    def _emit(self) -> Shard:
+        shard_id = self._next_id
+        journal = self.journal_dir / f"{self.prefix}{shard_id:08d}.jsonl"
+        shard = Shard(shard_id, tuple(self.pending), journal)
+        self._next_id += 1
+        self.pending = []
         return shard
 
-    for item in items:
-        if isinstance(item, Tick):
-            if batch and time.monotonic() - first_at >= linger:
-                yield emit()
-            else:
-                yield None
-            continue
-        if isinstance(item, Outcome):
-            on_invalid(item)
-            continue
-        if not batch:
-            first_at = time.monotonic()
-        batch.append(item)
-        if len(batch) >= size:
-            yield emit()
-    if batch:
-        yield emit()
+    def __iter__(self) -> Iterator[Shard | None]:
+        first_at = 0.0
+        for item in self.items:
+            if isinstance(item, Tick):
+                if self.pending and time.monotonic() - first_at >= self.linger:
+                    yield self._emit()
+                else:
+                    yield None
+                continue
+            if isinstance(item, Outcome):
+                self.on_invalid(item)
+                continue
+            if not self.pending:
+                first_at = time.monotonic()
+            self.pending.append(item)
+            if len(self.pending) >= self.size:
+                yield self._emit()
+        if self.pending:
+            yield self._emit()

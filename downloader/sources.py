@@ -15,6 +15,7 @@ import gzip
 import io
 import itertools
 import json
+import os
 import queue
 import sys
 import threading
@@ -111,6 +112,7 @@ def _open_binary(path: str) -> IO[bytes]:
         # blocked in it at exit must not hold the lock of a standard stream, which
         # the interpreter flushes on its way out (a fatal error otherwise).
         raw: IO[bytes] = io.FileIO(sys.stdin.fileno(), "rb", closefd=False)
+        os.set_blocking(sys.stdin.fileno(), True)  # a non-blocking fd would read as empty
     else:
         try:
             raw = open(path, "rb")  # noqa: SIM115
@@ -306,6 +308,9 @@ def open_inputs(paths: Iterable[str], settings: InputSettings) -> list[InputList
     paths = list(paths)
     if paths.count(STDIN) > 1:
         raise InputError("standard input ('-') can be given only once")
+    real = [os.path.realpath(p) for p in paths if p != STDIN]
+    if len(set(real)) < len(real):
+        raise InputError("an input is given twice: each list can be given only once")
     opened: list[InputList] = []
     try:
         for path in paths:

@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,10 +92,19 @@ def _sha256(path: str, limit: int | None = None) -> str:
 
 
 def fingerprint(label: str) -> dict[str, Any] | None:
-    """Size and sha256 of an input file; None for standard input."""
-    if label == STDIN:
+    """Size and sha256 of an input file; None for what cannot be read twice (stdin, pipes)."""
+    if label == STDIN or not stat.S_ISREG(os.stat(label).st_mode):
         return None
     return {"input": label, "size": os.path.getsize(label), "sha256": _sha256(label)}
+
+
+def _ends_a_line(label: str, size: int) -> bool:
+    """Was the old end of the file the end of a line? Else appending changed its last line."""
+    if size == 0:
+        return True
+    with open(label, "rb") as handle:
+        handle.seek(size - 1)
+        return handle.read(1) == b"\n"
 
 
 def _same_lists(previous: list[dict[str, Any]], labels: list[str]) -> bool:
@@ -103,9 +113,13 @@ def _same_lists(previous: list[dict[str, Any]], labels: list[str]) -> bool:
         return False
     for entry in previous:
         label = entry["input"]
+        if "sha256" not in entry:  # it could not be checked then (a pipe)
+            return False
         try:
             size = os.path.getsize(label)
             if size < entry["size"] or _sha256(label, entry["size"]) != entry["sha256"]:
+                return False
+            if size > entry["size"] and not _ends_a_line(label, entry["size"]):
                 return False
         except OSError:
             return False
@@ -328,8 +342,8 @@ class RunState:
     def merged(self) -> None:
         """The segments are in the manifest now: drop them and the scratch folders."""
         self.close()
-        for path in self.segments_dir.glob("*.jsonl"):
-            path.unlink()
+        for path in sorted(self.segments_dir.glob("*.jsonl")):  # oldest first: a kill
+            path.unlink()  # midway leaves a newest suffix, which agrees with the manifest
         for folder in (self.journal_dir, self.parts_dir):
             shutil.rmtree(folder, ignore_errors=True)
         if self.validators is not None:
