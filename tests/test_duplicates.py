@@ -67,3 +67,22 @@ def test_names_differing_only_in_case_collide_on_a_case_blind_disk(tmp_path: Pat
         assert dedupe.admit(second) is (not fold)
         dedupe.close()
         assert [str(o.reason) for o in recorded] == expected
+
+
+def test_a_url_whose_first_line_collided_is_fetched_under_its_next_name(
+    server: DevServer, tmp_path: Path
+) -> None:
+    listing = tmp_path / "n.csv"
+    listing.write_text(
+        f"url,name\n{server.url}/i/0.jpg,x\n{server.url}/i/4.jpg,x\n{server.url}/i/4.jpg,y\n"
+    )
+    out = tmp_path / "out"
+    result = run_cli("fetch", str(listing), "-o", str(out), "--name-column", "name")
+    assert result.returncode == 1
+    records = {r["line"]: (r["status"], r["reason"], r["path"]) for r in read_manifest(out)}
+    assert records[2] == ("saved", None, "x.jpg")
+    assert records[3][1] == "name_collision"
+    assert records[4] == ("saved", None, "y.jpg")
+    again = run_cli("fetch", str(listing), "-o", str(out), "--name-column", "name")
+    assert again.returncode == 1  # line 3 still collides; it is not "skipped_exists x.jpg"
+    assert {r["line"]: r["reason"] for r in read_manifest(out)}[3] == "name_collision"

@@ -69,6 +69,7 @@ def test_retry_after_seconds_and_date_with_cap() -> None:
     assert policy.delay(1, "soon", uniform=zero) == 0.0
     assert parse_retry_after(email.utils.formatdate(now - 60, usegmt=True), now=now) == 0.0
     assert parse_retry_after("garbage") is None
+    assert parse_retry_after("²") is None  # a digit to str.isdigit, not to float()
 
 
 # -- end to end ----------------------------------------------------------------------

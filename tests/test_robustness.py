@@ -6,6 +6,7 @@ import gzip
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,3 +205,81 @@ def test_shards_that_never_started_are_not_charged(server: DevServer, tmp_path: 
     records = {r["line"]: r for r in read_manifest(out)}
     assert {records[n]["reason"] for n in range(1, 5)} == {"worker_crashed"}
     assert {records[n]["status"] for n in range(5, 13)} == {"saved"}, stderr.decode()
+
+
+def test_rate_below_one_per_second(server: DevServer, tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/i/{n}.jpg" for n in range(2)])
+    result = run_cli("fetch", str(listing), "-o", str(tmp_path / "out"), "--rate", "0.5")
+    assert result.returncode == 0, result.stderr
+    first, second = sorted(t for t, _, _ in server.requests)
+    assert second - first >= 1.8
+
+
+def test_the_same_input_twice_is_refused(tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.txt", ["http://127.0.0.1:9/a.jpg"])
+    result = run_cli("fetch", str(listing), str(listing), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "given twice" in result.stderr
+
+
+def test_a_named_pipe_is_read_whole(server: DevServer, tmp_path: Path) -> None:
+    fifo = tmp_path / "urls.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "w") as handle:
+            handle.write("".join(f"{server.url}/i/{n}.jpg\n" for n in range(400)))
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    result = run_cli("fetch", str(fifo), "-o", str(tmp_path / "out"), "--processes", "2")
+    writer.join(10)
+    assert result.returncode == 0, result.stderr
+    assert read_summary(tmp_path / "out")["saved"] == 400
+
+
+def test_lines_read_but_not_sent_are_recorded_when_stopped(
+    server: DevServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    proc = start_cli(
+        "fetch",
+        "-",
+        "-o",
+        str(out),
+        stdin=subprocess.PIPE,
+        env=clean_env(IMGDL_RUN_SHARD_LINGER="60"),
+    )
+    assert proc.stdin is not None
+    proc.stdin.write("".join(f"{server.url}/i/{n}.jpg\n" for n in range(3)).encode())
+    proc.stdin.flush()
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 130
+    records = read_manifest(out)
+    assert [(r["line"], r["reason"]) for r in sorted(records, key=lambda r: r["line"])] == [
+        (1, "interrupted"),
+        (2, "interrupted"),
+        (3, "interrupted"),
+    ]
+
+
+def test_a_slow_host_does_not_hold_back_the_others(tmp_path: Path) -> None:
+    slow, fast = DevServer(host="127.0.0.1").start(), DevServer(host="127.0.0.2").start()
+    try:
+        urls = [f"{slow.url}/i/{n}.jpg" for n in range(5)] + [
+            f"{fast.url}/i/{n}.jpg" for n in range(20)
+        ]
+        listing = write_list(tmp_path / "u.txt", urls)
+        config = tmp_path / "l.yaml"
+        config.write_text("limits:\n  rate: 50\n  hosts:\n    127.0.0.1: {rate: 1}\n")
+        started = time.monotonic()
+        result = run_cli(
+            "fetch", str(listing), "-o", str(tmp_path / "out"), "--config", str(config)
+        )
+        assert result.returncode == 0, result.stderr
+        assert max(t for t, _, _ in fast.requests) - started < 4  # not behind the slow host
+        assert time.monotonic() - started >= 4  # the slow host still got its 1/s
+    finally:
+        slow.stop()
+        fast.stop()
