@@ -61,9 +61,9 @@ class DevServer:
         ssl_context: ssl.SSLContext | None = None,
         bodies: dict[str, tuple[bytes, str]] | None = None,
     ):
-        files = sorted(p for p in images.iterdir() if p.is_file())
+        files = sorted(p for p in images.iterdir() if p.is_file()) if images.is_dir() else []
         if not files:
-            raise SystemExit(f"no images in {images}")
+            raise SystemExit(f"no images in {images}; point --images at a folder of images")
         self.images = [
             (p.read_bytes(), mimetypes.guess_type(p.name)[0] or "image/jpeg") for p in files
         ]
