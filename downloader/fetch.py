@@ -14,6 +14,7 @@ import hashlib
 import os
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -57,6 +58,17 @@ class _Failed(Exception):
         self.http_status = http_status
         self.retry_after = retry_after
         self.final = final  # the same request would fail the same way: never retry
+
+
+def _same_content(path: Path, sha256: str) -> bool:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return False
+    return digest.hexdigest() == sha256
 
 
 def _conditions(job: Job) -> dict[str, str]:
@@ -298,7 +310,16 @@ class Fetcher:
             if self.validate.decode:
                 await part.close()
                 await asyncio.to_thread(check_decoded, part.path, image, self.validate)
-            relpath = await part.commit(image.ext, replace=job.revalidating)
+            try:
+                relpath = await part.commit(image.ext, replace=job.revalidating)
+            except NameTakenError as exc:
+                # The same bytes already there (an earlier attempt put them in place just
+                # before it was killed): that is this image, saved.
+                if not await asyncio.to_thread(
+                    _same_content, self.store.root / str(exc), digest.hexdigest()
+                ):
+                    raise
+                relpath = str(exc)
             if job.previous_path and job.previous_path != relpath:  # the type changed
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.store.root, job.previous_path))

@@ -169,7 +169,8 @@ class _ShardRun:
                 Store(
                     self.context.outdir,
                     self.settings.output.name_template,
-                    probe=self.context.probe_existing,
+                    # a retried shard may find files its killed attempt put in place
+                    probe=self.context.probe_existing or self.shard.attempt > 1,
                 ),
                 self.settings,
                 Limiter(self.settings.limits, self.context.limits),

@@ -19,6 +19,7 @@ from tests.conftest import (
     read_summary,
     run_cli,
     start_cli,
+    wait_for,
     write_list,
 )
 
@@ -324,3 +325,29 @@ def test_revalidate_asks_again_and_keeps_or_replaces(server: DevServer, tmp_path
         assert (out / record["path"]).read_bytes() == server.image(line - 1 + 4)[0]
         assert record["etag"] == f'"v4-{line - 1}"'
     assert len(image_files(out)) == 4
+
+
+def test_a_file_put_in_place_meanwhile_is_accepted_only_if_identical(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """What a killed attempt renamed in place just before dying: same bytes, same image."""
+    from downloader.storage import url_hash
+
+    urls = [f"{server.url}/slow/1500/4", f"{server.url}/slow/1500/8"]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    proc = start_cli("fetch", str(listing), "-o", str(out))
+    try:
+        wait_for(lambda: len(server.requests) == 2)
+        for url, body in ((urls[0], server.image(4)[0]), (urls[1], b"\xff\xd8\xff other")):
+            digest = url_hash(url)
+            ext = ".jpg" if url == urls[0] else ".png"  # image 8 is a PNG
+            target = out / digest[:3] / (digest + ext)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(body)
+        assert proc.wait(30) == 1
+    finally:
+        proc.kill()
+    by_url = {r["url"]: r for r in read_manifest(out)}
+    assert by_url[urls[0]]["status"] == "saved"
+    assert by_url[urls[1]]["reason"] == "name_collision"
