@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from downloader.devserver import DevServer
+from downloader.devserver import ALLOW_LOOPBACK, DevServer
 from downloader.proctree import descendants, rss_kib
 
 ENV = {
     **os.environ,
-    "IMGDL_NETWORK_ALLOW": "[127.0.0.0/8]",
+    **ALLOW_LOOPBACK,
     "IMGDL_VALIDATE_MAX_BYTES": str(1 << 30),
 }
 

@@ -17,20 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from downloader.devserver import DevServer
+from downloader.devserver import ALLOW_LOOPBACK, DevServer, busiest_window
 
-#: The servers live on loopback, which the network policy refuses by default.
-ENV = {**os.environ, "IMGDL_NETWORK_ALLOW": "[127.0.0.0/8]"}
-
-
-def busiest(times: list[float], width: float = 2.0) -> int:
-    times = sorted(times)
-    best = start = 0
-    for end, t in enumerate(times):
-        while t - times[start] >= width:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
+ENV = {**os.environ, **ALLOW_LOOPBACK}
 
 
 def run(args: list[str]) -> float:
@@ -65,7 +54,7 @@ def main() -> None:
         times = [t for t, _, _ in server.requests]
         span = max(times) - min(times)
         print(
-            f"global --rate 20, 2 processes, 200 URLs: busiest 2 s window {busiest(times)} "
+            f"global --rate 20, 2 processes, 200 URLs: busiest 2 s window {busiest_window(times)} "
             f"(limit 44), first-to-last request {span:.2f} s, wall {wall:.2f} s "
             f"(ideal 10 s, ratio {wall / 10:.2f})"
         )
@@ -101,7 +90,7 @@ def main() -> None:
             times = [t for t, _, _ in srv.requests]
             print(
                 f"host {srv.host} at {rate}/s: {len(times)} requests, busiest 2 s window "
-                f"{busiest(times)} (limit {2 * rate})"
+                f"{busiest_window(times)} (limit {2 * rate})"
             )
         print(f"per-host run wall {wall:.2f} s (ideal 8 s, ratio {wall / 8:.2f})")
     finally:

@@ -18,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from downloader.devserver import DevServer
+from downloader.devserver import ALLOW_LOOPBACK, DevServer
 
-#: The servers live on loopback, which the network policy refuses by default.
-ENV = {**os.environ, "IMGDL_NETWORK_ALLOW": "[127.0.0.0/8]"}
+ENV = {**os.environ, **ALLOW_LOOPBACK}
 
 
 def main() -> int:

@@ -19,10 +19,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from downloader.devserver import DevServer
+from downloader.devserver import ALLOW_LOOPBACK, DevServer
 from downloader.proctree import descendants
 
-ENV = {**os.environ, "IMGDL_NETWORK_ALLOW": "[127.0.0.0/8]"}
+ENV = {**os.environ, **ALLOW_LOOPBACK}
 
 
 def main() -> None:

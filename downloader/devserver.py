@@ -48,6 +48,19 @@ from pathlib import Path
 from aiohttp import web
 
 DEFAULT_IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
+#: The environment that lets imgdl reach this server: loopback is refused by default.
+ALLOW_LOOPBACK = {"IMGDL_NETWORK_ALLOW": "[127.0.0.0/8, '::1/128']"}
+
+
+def busiest_window(times: list[float], width: float = 2.0) -> int:
+    """The most requests inside any window of ``width`` seconds (from ``requests`` times)."""
+    times = sorted(times)
+    best = start = 0
+    for end, t in enumerate(times):
+        while t - times[start] >= width:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
 
 
 class DevServer:

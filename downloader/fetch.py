@@ -153,21 +153,13 @@ class Fetcher:
             attempt += 1
             retry_after: str | None = None
             http_status: int | None = None
+            final = False
             try:
                 saved = await self._download(job, stem)
                 return dataclasses.replace(saved, attempts=attempt, elapsed_ms=_ms_since(started))
             except _Failed as exc:
                 reason, error = exc.reason, exc.error
-                http_status, retry_after = exc.http_status, exc.retry_after
-                if exc.final:
-                    return Outcome.not_saved(
-                        job,
-                        reason,
-                        http_status=http_status,
-                        error=error,
-                        attempts=attempt,
-                        elapsed_ms=_ms_since(started),
-                    )
+                http_status, retry_after, final = exc.http_status, exc.retry_after, exc.final
             except UnsafeNameError as exc:
                 return Outcome.not_saved(job, Reason.INVALID_NAME, error=str(exc), attempts=attempt)
             except NameTakenError as exc:
@@ -180,7 +172,7 @@ class Fetcher:
                 )
             except Exception as exc:  # every other failure is classified, never raised
                 reason, error = classify(exc)
-            if not self.retry.should_retry(attempt, reason, http_status):
+            if final or not self.retry.should_retry(attempt, reason, http_status):
                 return Outcome.not_saved(
                     job,
                     reason,

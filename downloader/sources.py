@@ -207,16 +207,13 @@ class InputList:
             self._read_header(first)
 
     def _first_meaningful(self) -> _Line | None:
-        skipped: list[_Line] = []
+        """The first line that is neither blank nor a comment (those have no outcome)."""
         for line in self._lines:
             if line.text is not None and (
                 not line.text.strip() or line.text.lstrip().startswith("#")
             ):
-                skipped.append(line)
                 continue
-            self._skipped = skipped
             return line
-        self._skipped = skipped
         return None
 
     def _read_header(self, line: _Line) -> None:

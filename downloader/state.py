@@ -74,7 +74,7 @@ class LineSet:
         return bits is not None and byte < len(bits) and bool(bits[byte] & (1 << (line & 7)))
 
     def __len__(self) -> int:
-        return sum(bin(b).count("1") for bits in self._bits.values() for b in bits)
+        return sum(int.from_bytes(bits, "little").bit_count() for bits in self._bits.values())
 
 
 def _sha256(path: str, limit: int | None = None) -> str:
@@ -107,19 +107,23 @@ def _ends_a_line(label: str, size: int) -> bool:
         return handle.read(1) == b"\n"
 
 
-def _same_lists(previous: list[dict[str, Any]], labels: list[str]) -> bool:
-    """True if ``labels`` are the previous run's inputs, each the same list or an extension."""
-    if [p.get("input") for p in previous] != labels or STDIN in labels:
+def _same_lists(previous: list[dict[str, Any]], current: list[dict[str, Any]]) -> bool:
+    """True if the current inputs (fingerprinted) are the previous run's, each the same
+    list or an extension of it."""
+    if [p.get("input") for p in previous] != [c["input"] for c in current]:
         return False
-    for entry in previous:
-        label = entry["input"]
-        if "sha256" not in entry:  # it could not be checked then (a pipe)
+    for old, new in zip(previous, current, strict=True):
+        if "sha256" not in old or "sha256" not in new:  # stdin or a pipe: not checkable
             return False
-        try:
-            size = os.path.getsize(label)
-            if size < entry["size"] or _sha256(label, entry["size"]) != entry["sha256"]:
+        if new["size"] == old["size"]:  # the common case: the hash is already at hand
+            if new["sha256"] != old["sha256"]:
                 return False
-            if size > entry["size"] and not _ends_a_line(label, entry["size"]):
+            continue
+        try:
+            label = new["input"]
+            if new["size"] < old["size"] or _sha256(label, old["size"]) != old["sha256"]:
+                return False
+            if not _ends_a_line(label, old["size"]):
                 return False
         except OSError:
             return False
@@ -209,7 +213,7 @@ class RunState:
             self.validators = Validators(self.dir / "validators.sqlite")
         previous = self._read_run_json()
         has_records = (self.outdir / MANIFEST).exists() or any(self.segments_dir.iterdir())
-        if has_records and previous is not None and _same_lists(previous, labels):
+        if has_records and previous is not None and _same_lists(previous, inputs):
             done = self._done_lines()
         else:
             if has_records:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from downloader.devserver import DevServer
+from downloader.devserver import ALLOW_LOOPBACK, DevServer
 
 OUT = Path("demo-out")
 
@@ -42,7 +42,7 @@ def main() -> int:
         ]
         print("$", " ".join(["imgdl", *command[3:]]), flush=True)
         # The network policy refuses loopback by default; this demo's server lives there.
-        env = {**os.environ, "IMGDL_NETWORK_ALLOW": "[127.0.0.0/8]"}
+        env = {**os.environ, **ALLOW_LOOPBACK}
         code = subprocess.run(command, check=False, env=env).returncode
     summary = json.loads((OUT / "images" / "summary.json").read_text())
     print(f"\nexit code {code} (1: some URLs failed, as planned)")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from downloader.devserver import DevServer
+from downloader.devserver import ALLOW_LOOPBACK, DevServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ def server() -> Iterator[DevServer]:
 
 
 #: The test servers live on loopback, which the network policy refuses by default.
-LOOPBACK_ALLOWED = {"IMGDL_NETWORK_ALLOW": "[127.0.0.0/8, '::1/128']"}
+LOOPBACK_ALLOWED = ALLOW_LOOPBACK
 
 
 def clean_env(**extra: str) -> dict[str, str]:

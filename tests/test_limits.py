@@ -8,19 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from downloader.devserver import DevServer
+from downloader.devserver import DevServer, busiest_window
 from tests.conftest import read_manifest, run_cli, write_list
-
-
-def busiest_window(times: list[float], width: float = 2.0) -> int:
-    """The most requests inside any window of ``width`` seconds."""
-    times = sorted(times)
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= width:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 @pytest.fixture
