@@ -1,0 +1,369 @@
+"""imgdl against the tools people use instead, on one machine, in one run.
+
+    .venv/bin/python bench/compare.py [--count 20000] [--in-flight 64] [--rows a,b,...]
+
+Serves a generated corpus (bench/corpus.py) from nginx on 127.0.0.1, measures
+the machine's ceiling with wrk, then downloads the same list with every tool
+into a tmpfs (/dev/shm) and checks each saved file against the corpus digests.
+A row counts only if every image is on disk with the right bytes. Writes
+``bench/results/<date>-<host>.md`` (and ``.json``) and copies the table into
+bench/README.md. See bench/README.md for what each row runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import corpus, measure
+from bench.nginx import Nginx, ensure_installed
+from downloader.devserver import ALLOW_LOOPBACK
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+I2D_VENV = Path(os.environ.get("BENCH_I2D_VENV", "/opt/img2dataset-venv"))
+README_BEGIN, README_END = "<!-- compare:begin -->", "<!-- compare:end -->"
+
+
+def imgdl(*flags: str) -> Callable[[Path, Path, int], list[str]]:
+    def command(listing: Path, out: Path, in_flight: int) -> list[str]:
+        return [str(VENV_BIN / "imgdl"), "fetch", str(listing), "-o", str(out),
+                "--log-level", "warning", *flags]  # fmt: skip
+
+    return command
+
+
+def naive(listing: Path, out: Path, in_flight: int) -> list[str]:
+    return [sys.executable, str(REPO / "bench" / "naive_aiohttp.py"), str(listing), str(out),
+            str(in_flight)]  # fmt: skip
+
+
+def aria2c(listing: Path, out: Path, in_flight: int) -> list[str]:
+    return ["aria2c", "-i", str(listing), "-d", str(out), "-j", str(in_flight), "-x1", "-s1",
+            "--quiet=true", "--file-allocation=none", "--auto-file-renaming=false",
+            "--allow-overwrite=true", "--max-tries=1", "--enable-http-keep-alive=true",
+            "--summary-interval=0"]  # fmt: skip
+
+
+def curl(listing: Path, out: Path, in_flight: int) -> list[str]:
+    config = listing.with_suffix(".curl")
+    if not config.exists():
+        with open(listing) as source, open(config, "w") as target:
+            for line in source:
+                target.write(f'url = "{line.strip()}"\n')
+    return ["curl", "--parallel", "--parallel-max", str(in_flight), "--silent", "--fail",
+            "--remote-name-all", "--output-dir", str(out), "--config", str(config)]  # fmt: skip
+
+
+def wget2(listing: Path, out: Path, in_flight: int) -> list[str]:
+    return ["wget2", "--quiet", "--no-robots", "--max-threads", str(in_flight), "-P", str(out),
+            "-i", str(listing)]  # fmt: skip
+
+
+def img2dataset(listing: Path, out: Path, in_flight: int) -> list[str]:
+    processes = os.cpu_count() or 1
+    return [str(I2D_VENV / "bin" / "img2dataset"), "--url_list", str(listing),
+            "--input_format", "txt", "--output_folder", str(out), "--output_format", "files",
+            "--resize_mode", "no", "--disable_all_reencoding", "True",
+            "--processes_count", str(processes), "--thread_count", str(in_flight // processes),
+            "--number_sample_per_shard", "1000", "--retries", "0", "--timeout", "10",
+            "--enable_wandb", "False", "--compute_hash", "None"]  # fmt: skip
+
+
+#: name -> (command builder, what the row is)
+ROWS: dict[str, tuple[Callable[[Path, Path, int], list[str]], str]] = {
+    "imgdl": (imgdl(), "imgdl fetch, defaults"),
+    "imgdl-tuned": (imgdl("--tries", "1"), "imgdl fetch --tries 1"),
+    "curl": (curl, "curl --parallel --parallel-max N"),
+    "wget2": (wget2, "wget2 --max-threads N"),
+    "aria2c": (aria2c, "aria2c -i -j N"),
+    "naive-aiohttp": (naive, "bench/naive_aiohttp.py (semaphore, one session)"),
+    "img2dataset": (img2dataset, "img2dataset, files, resize off, 2 processes"),
+}
+DISK_ROW = "imgdl-disk"
+
+
+def ensure_img2dataset() -> str | None:
+    """img2dataset in its own virtual environment; the reason when it cannot be had."""
+    if (I2D_VENV / "bin" / "img2dataset").exists():
+        return None
+    made = subprocess.run(
+        [sys.executable, "-m", "venv", str(I2D_VENV)], capture_output=True, check=False
+    )
+    if made.returncode == 0:
+        made = subprocess.run(
+            [str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset"],
+            capture_output=True,
+            check=False,
+        )
+    if made.returncode == 0:
+        return None
+    return f"pip install img2dataset failed: {made.stderr[-300:]!r}"
+
+
+def verify(out: Path, digests: set[str]) -> int:
+    """How many distinct corpus images are in ``out`` with exactly the corpus bytes."""
+    found: set[str] = set()
+    for folder, dirs, files in os.walk(out):
+        dirs[:] = [name for name in dirs if name != ".imgdl"]
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                digest = hashlib.sha1(handle.read()).hexdigest()
+            if digest in digests:
+                found.add(digest)
+    return len(found)
+
+
+def ceiling(server: Nginx, names: list[str], work: Path, in_flight: int) -> dict[str, object]:
+    if ensure_installed(("wrk", "wrk")):
+        return {"error": "wrk could not be installed"}
+    script = work / "rotate.lua"
+    paths = work / "paths.txt"
+    paths.write_text("".join(f"/img/{name}\n" for name in names))
+    script.write_text(
+        f'local paths = {{}}\nfor line in io.lines("{paths}") do paths[#paths + 1] = line end\n'
+        "local i = 0\n"
+        "request = function()\n  i = i % #paths + 1\n  return wrk.format(nil, paths[i])\nend\n"
+    )
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{in_flight}", "-d5s", "-s", str(script), server.url],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
+    return {"requests_per_s": float(rate.group(1)) if rate else None, "output": result.stdout}
+
+
+def startup(listing_lines: int, work: Path) -> float | None:
+    """Seconds from starting imgdl on the full list to its first connection (a listener here)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(256)
+    port = listener.getsockname()[1]
+    stamp_list = work / "startup-urls.txt"
+    stamp_list.write_text(
+        "".join(f"http://127.0.0.1:{port}/img/{i:05d}.jpg\n" for i in range(listing_lines))
+    )
+    out = work / "out-startup"
+    shutil.rmtree(out, ignore_errors=True)
+    arrived: list[float] = []
+
+    def accept() -> None:
+        listener.settimeout(15)
+        try:
+            connection, _ = listener.accept()
+            arrived.append(time.monotonic())
+            connection.close()
+        except OSError:
+            pass
+
+    waiter = threading.Thread(target=accept)
+    waiter.start()
+    started = time.monotonic()
+    process = subprocess.Popen(
+        imgdl()(stamp_list, out, 64),
+        env={**os.environ, **ALLOW_LOOPBACK},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    waiter.join()
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    listener.close()
+    time.sleep(1)  # workers see their parent gone and leave
+    shutil.rmtree(out, ignore_errors=True)
+    return arrived[0] - started if arrived else None
+
+
+def run_row(
+    name: str,
+    command: list[str],
+    out: Path,
+    digests: set[str],
+) -> dict[str, object]:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = {**os.environ, **ALLOW_LOOPBACK}
+    result = measure.run(command, env)
+    verified = verify(out, digests)
+    count = len(digests)
+    row: dict[str, object] = {
+        "row": name,
+        "exit": result.returncode,
+        "wall_s": round(result.wall_s, 2),
+        "images_per_s": round(verified / result.wall_s) if result.wall_s else 0,
+        "cpu_s_per_1000": round(result.cpu_s / max(verified, 1) * 1000, 3),
+        "peak_rss_mib": round(result.tree_peak_kib / 1024),
+        "verified": verified,
+        "ok": verified == count,
+    }
+    if verified != count:
+        row["error"] = f"{count - verified} of {count} images missing or wrong"
+        row["stderr"] = result.stderr[-500:]
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def table(results: dict[str, object]) -> str:
+    info = results["machine"]
+    assert isinstance(info, dict)
+    lines = [
+        f"Measured {info['date']} on {info['nproc']} cores ({info['cpu']}), Python "
+        f"{info['python']}; {results['count']} images "
+        f"({results['corpus_mib']} MiB), {results['in_flight']} in flight, nginx with 1 worker, "
+        f"output on tmpfs. `{results['command']}`",
+        "",
+    ]
+    ceiling_info = results["ceiling"]
+    assert isinstance(ceiling_info, dict)
+    rate = ceiling_info.get("requests_per_s")
+    lines.append(
+        f"Ceiling (wrk -t1 -c{results['in_flight']}, 5 s, same files): "
+        + (f"{rate:,.0f} requests/s." if rate else f"not measured ({ceiling_info.get('error')}).")
+    )
+    start = results.get("startup_s")
+    if start is not None:
+        lines.append(f"imgdl start-up to first request on the full list: {start:.2f} s.")
+    lines += [
+        "",
+        "| row | images/s | CPU s / 1,000 images | peak RSS (tree) | verified on disk | wall |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows = results["rows"]
+    assert isinstance(rows, list)
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"| {row['row']} | — | — | — | not run: {row['skipped']} | — |")
+            continue
+        verified = f"{row['verified']:,}" + ("" if row["ok"] else f" (FAILED: {row['error']})")
+        rate_cell = f"{row['images_per_s']:,}" if row["ok"] else "—"
+        lines.append(
+            f"| {row['row']} | {rate_cell} | {row['cpu_s_per_1000']:.2f} | "
+            f"{row['peak_rss_mib']} MiB | {verified} | {row['wall_s']:.1f} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict[str, object]) -> Path:
+    folder = REPO / "bench" / "results"
+    folder.mkdir(exist_ok=True)
+    info = results["machine"]
+    assert isinstance(info, dict)
+    stem = folder / f"{info['date']}-{platform.node() or 'host'}"
+    rendered = table(results)
+    stem.with_suffix(".md").write_text(f"# bench/compare.py\n\n{rendered}")
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    readme = REPO / "bench" / "README.md"
+    text = readme.read_text()
+    if README_BEGIN in text and README_END in text:
+        head, rest = text.split(README_BEGIN, 1)
+        _, tail = rest.split(README_END, 1)
+        readme.write_text(f"{head}{README_BEGIN}\n{rendered}{README_END}{tail}")
+    return stem.with_suffix(".md")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--rows", default=",".join([*ROWS, DISK_ROW]))
+    parser.add_argument("--work", type=Path, default=Path("/dev/shm/imgdl-bench"))
+    parser.add_argument("--disk", type=Path, default=Path("/var/tmp/imgdl-bench-disk"))
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args()
+    wanted = args.rows.split(",")
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    names_digests = corpus.ensure(work / "corpus", args.count)
+    digests = set(names_digests.values())
+    names = sorted(names_digests)
+    corpus_bytes = sum((work / "corpus" / "img" / name).stat().st_size for name in names)
+    missing_tools = {
+        "curl": ensure_installed(("curl", "curl")),
+        "wget2": ensure_installed(("wget2", "wget2")),
+        "aria2c": ensure_installed(("aria2", "aria2c")),
+    }
+    i2d_problem = ensure_img2dataset() if "img2dataset" in wanted else None
+    results: dict[str, object] = {
+        "machine": machine(),
+        "count": args.count,
+        "corpus_mib": round(corpus_bytes / 2**20),
+        "in_flight": args.in_flight,
+        "command": " ".join(["bench/compare.py", *sys.argv[1:]]),
+        "rows": [],
+    }
+    rows: list[dict[str, object]] = []
+    with Nginx(work / "corpus", work / "nginx") as server:
+        listing = work / "urls.txt"
+        listing.write_text("".join(f"{server.url}/img/{name}\n" for name in names))
+        with open(work / "urls.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["url", "key"])
+            writer.writerows([f"{server.url}/img/{name}", name] for name in names)
+        (listing.with_suffix(".curl")).unlink(missing_ok=True)
+        results["ceiling"] = ceiling(server, names, work, args.in_flight)
+        print(f"ceiling: {results['ceiling'].get('requests_per_s')} requests/s", flush=True)  # type: ignore[attr-defined]
+        if "imgdl" in wanted:
+            results["startup_s"] = startup(args.count, work)
+        for name in wanted:
+            if name == DISK_ROW:
+                args.disk.mkdir(parents=True, exist_ok=True)
+                command = imgdl()(listing, args.disk / "out", args.in_flight)
+                row = run_row(name, command, args.disk / "out", digests)
+                row["note"] = "imgdl fetch, defaults, output on the disk file system"
+            elif name not in ROWS:
+                raise SystemExit(f"unknown row {name!r}; rows: {', '.join([*ROWS, DISK_ROW])}")
+            elif missing_tools.get(name):
+                row = {"row": name, "skipped": f"apt-get could not install {name}"}
+            elif name == "img2dataset" and i2d_problem:
+                row = {"row": name, "skipped": i2d_problem}
+            else:
+                build, note = ROWS[name]
+                command = build(listing, work / f"out-{name}", args.in_flight)
+                row = run_row(name, command, work / f"out-{name}", digests)
+                row["note"] = note
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    results["rows"] = rows
+    print(table(results))
+    if not args.no_write:
+        print(f"written to {write_results(results)}")
+    return 0 if all(row.get("ok", True) for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
