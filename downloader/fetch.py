@@ -39,6 +39,9 @@ from downloader.validate import (
 )
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: Bodies up to this size are held in memory and written in one call; at 64 in flight
+#: that is at most 16 MiB per worker.
+SPOOL_BYTES = 256 * 1024
 
 
 class _Failed(Exception):
@@ -268,14 +271,18 @@ class Fetcher:
             raise _Failed(reason, error, status) from None
 
     async def _stream(self, job: Job, stem: str, resp: aiohttp.ClientResponse) -> Outcome:
-        """Body to a part file: size cap, speed floor, type sniff, Content-Length check."""
+        """Body to a part file: size cap, speed floor, type sniff, Content-Length check.
+
+        A body is held in memory up to ``SPOOL_BYTES`` and written at once when it
+        ends; a larger one streams to a part file through aiofiles from there on.
+        """
         status, declared = resp.status, resp.content_length
         part: PartFile | None = None
         try:
             body = Body(resp, self.read_window, self.min_speed)
             digest = hashlib.sha256()
             size = 0
-            head = b""
+            held: list[bytes] = []
             image: ImageType | None = None
             async for chunk in body.chunks():
                 size += len(chunk)
@@ -284,20 +291,26 @@ class Fetcher:
                         Reason.TOO_LARGE, f"body exceeds max_bytes {self.max_bytes}", status
                     )
                 digest.update(chunk)
-                if part is None:
-                    head += chunk
+                if part is not None:
+                    await part.write(chunk)
+                    continue
+                held.append(chunk)
+                if image is None:
+                    head = b"".join(held)
                     if len(head) < sniff_needs(head):
                         continue
                     image = self._sniffed(head, resp, status)
+                if size > SPOOL_BYTES:
                     part = await self.store.open_part(stem)
-                    chunk, head = head, b""
-                await part.write(chunk)
-            if part is None:  # the whole body was shorter than the sniff needs
-                image = self._sniffed(head, resp, status)
-                part = await self.store.open_part(stem)
-                await part.write(head)
+                    await part.write(b"".join(held))
+                    held = []
             if declared is not None and body.raw_bytes < declared:
                 raise _Failed(Reason.TRUNCATED, f"got {body.raw_bytes} of {declared} bytes", status)
+            if part is None:
+                whole = b"".join(held)
+                if image is None:  # the whole body was shorter than the sniff needs
+                    image = self._sniffed(whole, resp, status)
+                part = self.store.write_part(stem, whole)
             assert image is not None
             if self.validate.decode:
                 await part.close()

@@ -12,6 +12,8 @@ import enum
 import json
 from typing import Any
 
+import orjson
+
 
 class Status(enum.StrEnum):
     SAVED = "saved"
@@ -139,12 +141,10 @@ class Outcome:
     def to_json(self) -> str:
         """One JSON line; strings keep their letters unless they hold undecodable bytes."""
         record = self.to_dict()
-        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # e.g. a Latin-1 reason phrase kept as surrogates
-            text = json.dumps(record, ensure_ascii=True, separators=(",", ":"))
-        return text
+        try:  # orjson: each record is encoded in a worker and twice in the parent
+            return orjson.dumps(record).decode("utf-8")
+        except TypeError:  # e.g. a Latin-1 reason phrase kept as surrogates
+            return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Outcome:
@@ -155,7 +155,11 @@ class Outcome:
 
     @classmethod
     def from_json(cls, line: str) -> Outcome:
-        return cls.from_dict(json.loads(line))
+        try:
+            raw = orjson.loads(line)
+        except orjson.JSONDecodeError:  # orjson refuses the lone surrogates to_json escapes
+            raw = json.loads(line)
+        return cls.from_dict(raw)
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Outcome))

@@ -10,7 +10,6 @@ parent removes the parts folder at the start and at the end of every run.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import os
@@ -18,13 +17,11 @@ import re
 import secrets
 import stat
 import string
-import threading
 from pathlib import Path
 from typing import Self
 from urllib.parse import unquote, urlsplit
 
 import aiofiles
-import aiofiles.os
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import ConfigError, UnsafeNameError
@@ -74,24 +71,31 @@ def check_template(template: str) -> None:
         raise ConfigError(f"bad template {template!r}: {exc}") from None
 
 
-def _fields(job: Job) -> dict[str, str | int]:
-    try:
-        parts = urlsplit(job.url)
-        path, hostname = parts.path, parts.hostname
-    except ValueError:  # checked URLs never get here; names must not raise all the same
-        path, hostname = "", None
-    last = unquote(path.rsplit("/", 1)[-1])
-    stem = os.path.splitext(last)[0]
-    basename = _UNSAFE_BASENAME.sub("_", stem).strip("._")[:100] or "image"
-    host = _UNSAFE_BASENAME.sub("_", (hostname or "nohost")).strip("._") or "nohost"
-    input_stem = Path(job.input).name.split(".")[0] or "stdin"
-    return {
-        "url_hash": url_hash(job.url),
-        "host": host,
-        "basename": basename,
-        "input": _UNSAFE_BASENAME.sub("_", input_stem),
-        "line": job.line,
-    }
+def template_fields(template: str) -> frozenset[str]:
+    """The fields a (checked) template uses."""
+    return frozenset(f for _, f, _, _ in string.Formatter().parse(template) if f)
+
+
+def _fields(job: Job, wanted: frozenset[str] = TEMPLATE_FIELDS) -> dict[str, str | int]:
+    """The template's fields for ``job``; only the ``wanted`` ones are worked out, as this
+    runs for every URL."""
+    found: dict[str, str | int] = {}
+    if "url_hash" in wanted:
+        found["url_hash"] = url_hash(job.url)
+    if "host" in wanted or "basename" in wanted:
+        try:
+            parts = urlsplit(job.url)
+            path, hostname = parts.path, parts.hostname
+        except ValueError:  # checked URLs never get here; names must not raise all the same
+            path, hostname = "", None
+        last = unquote(path.rsplit("/", 1)[-1])
+        stem = os.path.splitext(last)[0]
+        found["basename"] = _UNSAFE_BASENAME.sub("_", stem).strip("._")[:100] or "image"
+        found["host"] = _UNSAFE_BASENAME.sub("_", (hostname or "nohost")).strip("._") or "nohost"
+    if "input" in wanted:
+        found["input"] = _UNSAFE_BASENAME.sub("_", Path(job.input).name.split(".")[0] or "stdin")
+    found["line"] = job.line
+    return found
 
 
 def safe_relpath(raw: str) -> str:
@@ -122,11 +126,11 @@ def safe_relpath(raw: str) -> str:
     return "/".join(parts)
 
 
-def stem_for(job: Job, template: str) -> str:
+def stem_for(job: Job, template: str, fields: frozenset[str] = TEMPLATE_FIELDS) -> str:
     """Relative path without extension; raises UnsafeNameError for a bad name column."""
     if job.name:
         return safe_relpath(job.name)
-    return safe_relpath(template.format(**_fields(job)))
+    return safe_relpath(template.format(**_fields(job, fields)))
 
 
 def case_insensitive(folder: Path) -> bool:
@@ -154,13 +158,14 @@ class Store:
         The no-clobber link still refuses to replace anything."""
         self.root = root.resolve()
         self.template = template
+        self._template_fields = template_fields(template)
         self.probe = probe
         self._checked_dirs: set[str] = set()
         self._parts = self.root / PARTS_DIR / str(os.getpid())
         self._parts.mkdir(parents=True, exist_ok=True)
 
     def stem_for(self, job: Job) -> str:
-        return stem_for(job, self.template)
+        return stem_for(job, self.template, self._template_fields)
 
     def existing(self, stem: str) -> str | None:
         """The relative path of an image already saved under ``stem``, if any."""
@@ -178,18 +183,30 @@ class Store:
                 return stem + ext
         return None
 
-    async def open_part(self, stem: str) -> PartFile:
+    def _prepare_dir(self, stem: str) -> None:
+        """Create the final folder once, and refuse one that a planted symlink leads out of."""
         final_dir = os.path.dirname(os.path.join(self.root, stem))
         if final_dir not in self._checked_dirs:
-            await aiofiles.os.makedirs(final_dir, exist_ok=True)
+            os.makedirs(final_dir, exist_ok=True)
             real = os.path.realpath(final_dir)
             if real != str(self.root) and not real.startswith(str(self.root) + os.sep):
                 raise UnsafeNameError(f"{stem!r} resolves outside the output folder")
             self._checked_dirs.add(final_dir)
+
+    async def open_part(self, stem: str) -> PartFile:
+        """A part file to stream a large body into, written through aiofiles' threads."""
+        self._prepare_dir(stem)
         return await PartFile.open(self.root, stem, self._parts, self.probe)
 
+    def write_part(self, stem: str, body: bytes) -> PartFile:
+        """A part file holding a whole small body, written at once in the calling thread.
 
-_COMMIT_LOCK = threading.Lock()
+        Most images are small: one ``write`` of a few dozen KB to the page cache
+        costs less than handing the file to a thread three times (open, write,
+        close), which was the largest cost of a worker (issue 5's profile).
+        """
+        self._prepare_dir(stem)
+        return PartFile.written(self.root, stem, self._parts, body, self.probe)
 
 
 class NameTakenError(Exception):
@@ -208,18 +225,19 @@ def _link_into_place(
     if replace:  # a newer version of an image this folder already holds (revalidation)
         os.replace(part, final)
         return
-    with _COMMIT_LOCK:  # the sibling check and the link are one step within a process
-        if siblings and any(os.path.lexists(stem + o) for o in EXTENSIONS if o != ext):
-            raise FileExistsError(final)
-        try:
-            os.link(part, final)
-        except FileExistsError:
-            raise
-        except OSError:  # a file system without hard links: check, then replace
-            if os.path.lexists(final):
-                raise FileExistsError(final) from None
-            os.replace(part, final)
-            return
+    # Called from the worker's event loop with no await between the sibling check and
+    # the link, so no other download of this process can come in between.
+    if siblings and any(os.path.lexists(stem + o) for o in EXTENSIONS if o != ext):
+        raise FileExistsError(final)
+    try:
+        os.link(part, final)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then replace
+        if os.path.lexists(final):
+            raise FileExistsError(final) from None
+        os.replace(part, final)
+        return
     os.unlink(part)
 
 
@@ -227,44 +245,60 @@ class PartFile:
     """A body being written: ``commit`` renames it into place, ``abort`` removes it."""
 
     def __init__(
-        self, root: Path, stem: str, part: str, handle: AsyncBufferedIOBase, probe: bool
+        self, root: Path, stem: str, part: str, handle: AsyncBufferedIOBase | None, probe: bool
     ) -> None:
         self._probe = probe
         self._root = root
         self._stem = stem
         self._part = part
         self._handle = handle
-        self._closed = False
+
+    @staticmethod
+    def _new_name(parts: Path) -> str:
+        return os.path.join(parts, secrets.token_hex(8) + PART_SUFFIX)
 
     @classmethod
     async def open(cls, root: Path, stem: str, parts: Path, probe: bool = True) -> Self:
-        part = os.path.join(parts, secrets.token_hex(8) + PART_SUFFIX)
+        part = cls._new_name(parts)
         handle = await aiofiles.open(part, "wb")
         return cls(root, stem, part, handle, probe)
+
+    @classmethod
+    def written(cls, root: Path, stem: str, parts: Path, body: bytes, probe: bool = True) -> Self:
+        part = cls._new_name(parts)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+            raise
+        os.close(fd)
+        return cls(root, stem, part, None, probe)
 
     @property
     def path(self) -> Path:
         return Path(self._part)
 
     async def write(self, chunk: bytes) -> None:
+        assert self._handle is not None, "a part written at once takes no more chunks"
         await self._handle.write(chunk)
 
     async def commit(self, ext: str, replace: bool = False) -> str:
         """Move the finished body to its final name; returns the path relative to OUTDIR.
 
         Never replaces a file already there: raises NameTakenError instead, so two
-        URLs given the same name cannot overwrite each other.
+        URLs given the same name cannot overwrite each other. The link and unlink
+        run in this thread: two metadata calls cost less than a thread hand-off.
         """
         await self.close()
         relpath = self._stem + ext
         try:
-            await asyncio.to_thread(
-                _link_into_place,
-                self._part,
-                os.path.join(self._root, self._stem),
-                ext,
-                self._probe,
-                replace,
+            _link_into_place(
+                self._part, os.path.join(self._root, self._stem), ext, self._probe, replace
             )
         except FileExistsError:
             await self.abort()
@@ -277,6 +311,6 @@ class PartFile:
             os.unlink(self._part)
 
     async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._handle.close()
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            await handle.close()

@@ -227,3 +227,28 @@ def test_in_process_run_with_the_real_pool(server: DevServer, tmp_path: Path) ->
     summary = read_summary(out)
     assert (summary["saved"], summary["failed"], summary["http_errors"]) == (40, 1, {"410": 1})
     assert len(image_files(out)) == 40
+
+
+def test_small_bodies_in_memory_and_large_ones_streamed_are_saved_whole(tmp_path: Path) -> None:
+    """Bodies up to SPOOL_BYTES are written at once, larger ones stream through aiofiles:
+    both come out byte for byte, with their digest, and leave no part file."""
+    from downloader.fetch import SPOOL_BYTES
+
+    rng = random.Random(5)
+    magic = b"\xff\xd8\xff\xe0"
+    sizes = {"tiny": 40, "edge": SPOOL_BYTES, "over": SPOOL_BYTES + 1, "big": 3 * SPOOL_BYTES}
+    bodies = {name: (magic + rng.randbytes(size - 4), "image/jpeg") for name, size in sizes.items()}
+    with DevServer(bodies=bodies) as server:
+        listing = write_list(tmp_path / "urls.txt", [f"{server.url}/body/{n}" for n in sizes])
+        out = tmp_path / "out"
+        result = run_cli("fetch", str(listing), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    by_name = {r["url"].rsplit("/", 1)[1]: r for r in read_manifest(out)}
+    for name, (body, _) in bodies.items():
+        record = by_name[name]
+        assert record["status"] == "saved", record
+        assert (out / record["path"]).read_bytes() == body, name
+        assert record["sha256"] == hashlib.sha256(body).hexdigest()
+        assert record["bytes"] == len(body)
+    assert len(image_files(out)) == len(sizes)
+    assert not list((out / ".imgdl").rglob("*.part"))
