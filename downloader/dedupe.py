@@ -22,6 +22,7 @@ from downloader.outcomes import Job, Outcome, Reason, Status
 from downloader.state import LineSet
 
 _COMMIT_EVERY = 10_000
+_INSERT_BATCH = 1_000
 # A fixed 16 MiB bitmap in front of the table: a URL whose bit is clear is new
 # without asking SQLite, so most lines cost one statement, not two.
 _BITMAP_BITS = 1 << 27
@@ -83,14 +84,23 @@ class Duplicates:
         self._ops = 0
         self._waited_on = LineSet()
         self._maybe_seen = bytearray(_BITMAP_BITS // 8)
+        #: new URLs not yet in the table: inserted together, before the next query
+        self._new: list[tuple[int, int, str]] = []
         self.found = 0
 
-    def _tick(self) -> None:
-        self._ops += 1
+    def _tick(self, ops: int = 1) -> None:
+        self._ops += ops
         if self._ops >= _COMMIT_EVERY:
             self._db.execute("COMMIT")
             self._db.execute("BEGIN")
             self._ops = 0
+
+    def _insert_new(self) -> None:
+        """One ``executemany`` for the new URLs so far: a statement per line was the
+        parent's largest cost (issue 5's profile)."""
+        if self._new:
+            self._db.executemany("INSERT INTO first (h, h2, outcome) VALUES (?, ?, ?)", self._new)
+            self._new = []
 
     def admit(self, job: Job) -> bool:
         """True if the job is to be fetched; False if it is a duplicate (recorded here or later)."""
@@ -99,13 +109,13 @@ class Duplicates:
         bit = h & _BITMAP_MASK
         row = None
         if self._maybe_seen[bit >> 3] & (1 << (bit & 7)):  # else surely new: one query saved
+            self._insert_new()
             row = self._db.execute("SELECT h2, outcome FROM first WHERE h = ?", (h,)).fetchone()
         if row is None:
             self._maybe_seen[bit >> 3] |= 1 << (bit & 7)
-            self._db.execute(
-                "INSERT INTO first (h, h2, outcome) VALUES (?, ?, ?)",
-                (h, h2, json.dumps([job.input, job.line])),
-            )
+            self._new.append((h, h2, json.dumps([job.input, job.line])))
+            if len(self._new) >= _INSERT_BATCH:
+                self._insert_new()
             return self._name_is_free(job, h)
         stored_h2, stored = row
         if stored_h2 != h2:  # two URLs share 64 bits: fetch it, names differ anyway
@@ -140,6 +150,7 @@ class Duplicates:
             return True
         (owner,) = self._db.execute("SELECT line FROM stem WHERE stem = ?", (key,)).fetchone()
         # This line is not fetched: a later line with its URL (and a free name) is the first.
+        self._insert_new()
         self._db.execute("DELETE FROM first WHERE h = ?", (h,))
         self._record(
             Outcome.not_saved(
@@ -165,21 +176,24 @@ class Duplicates:
             (key, _keys(job.url)[0], f"{job.input}:{job.line}"),
         )
 
-    def finished(self, outcome: Outcome) -> None:
-        """A fetched line's outcome: remember it, and record the duplicates waiting for it."""
-        h, h2 = _keys(outcome.url)
-        self._tick()
-        self._db.execute(
+    def finished(self, outcomes: list[tuple[Outcome, str]]) -> None:
+        """Fetched lines' outcomes (with their JSON text): remember them, and record the
+        duplicates waiting for them."""
+        self._insert_new()
+        keys = [_keys(outcome.url) for outcome, _ in outcomes]
+        self._db.executemany(
             "UPDATE first SET outcome = ? WHERE h = ? AND h2 = ?",
-            (json.dumps(outcome.to_dict()), h, h2),
+            [(text, h, h2) for (_, text), (h, h2) in zip(outcomes, keys, strict=True)],
         )
-        if (outcome.input, outcome.line) not in self._waited_on:
-            return
-        rows = self._db.execute("SELECT job FROM waiting WHERE h = ?", (h,)).fetchall()
-        for (raw,) in rows:
-            url, label, line, name = json.loads(raw)
-            self._record(resolve(Job(url=url, input=label, line=line, name=name), outcome))
-        self._db.execute("DELETE FROM waiting WHERE h = ?", (h,))
+        self._tick(len(outcomes))
+        for (outcome, _), (h, _) in zip(outcomes, keys, strict=True):
+            if (outcome.input, outcome.line) not in self._waited_on:
+                continue
+            rows = self._db.execute("SELECT job FROM waiting WHERE h = ?", (h,)).fetchall()
+            for (raw,) in rows:
+                url, label, line, name = json.loads(raw)
+                self._record(resolve(Job(url=url, input=label, line=line, name=name), outcome))
+            self._db.execute("DELETE FROM waiting WHERE h = ?", (h,))
 
     def close(self) -> None:
         """Duplicates whose first line never got an outcome (a stopped run) are interrupted."""

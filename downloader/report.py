@@ -76,12 +76,12 @@ def compact(
         open(manifest_tmp, "w", encoding="utf-8") as manifest,
         open(failures_tmp, "w", encoding="utf-8") as failures,
     ):
-        for outcome in state.records():
+        for outcome, text in state.records():
             key = (outcome.input, outcome.line)
             if key in seen:
                 continue
             seen.add(key)
-            manifest.write(outcome.to_json() + "\n")
+            manifest.write(text + "\n")
             if outcome.reason in REFETCHABLE and outcome.duplicate_of is None:
                 failures.write(outcome.url + "\n")
             totals.add(outcome)
@@ -128,8 +128,8 @@ class RunReport:
         self.recorded = 0
         self.duplicates: Duplicates | None = None
 
-    def record(self, outcome: Outcome) -> None:
-        self.state.append(outcome)
+    def record(self, outcome: Outcome, text: str | None = None) -> None:
+        self.state.append(outcome, text)
         self.recorded += 1
         self.this_run[str(outcome.reason or outcome.status)] += 1
         if outcome.status is Status.SAVED:
@@ -138,18 +138,21 @@ class RunReport:
     def merge(
         self,
         jobs: Iterable[Job],
-        journaled: dict[tuple[str, int], Outcome],
+        journaled: dict[tuple[str, int], tuple[Outcome, str]],
         missing: Reason,
         error: str,
     ) -> None:
-        """Record one outcome per job: the journaled one, else ``missing``."""
+        """Record one outcome per job: the journaled one (with its text), else ``missing``."""
+        finished: list[tuple[Outcome, str]] = []
         for job in jobs:
-            outcome = journaled.get((job.input, job.line))
-            if outcome is None:
+            found = journaled.get((job.input, job.line))
+            if found is None:
                 outcome = Outcome.not_saved(job, missing, error=error)
-            self.record(outcome)
-            if self.duplicates is not None:
-                self.duplicates.finished(outcome)
+                found = (outcome, outcome.to_json())
+            self.record(*found)
+            finished.append(found)
+        if self.duplicates is not None:
+            self.duplicates.finished(finished)
         self.state.flush()
 
     def finish(

@@ -47,7 +47,7 @@ from downloader.state import (
     LineSet,
     RunState,
     Validators,
-    read_records,
+    read_lines,
 )
 from downloader.storage import case_insensitive, names_may_collide, stem_for
 from downloader.telemetry import get_logger
@@ -463,9 +463,9 @@ class Runner:
             os.unlink(shard.journal)
 
 
-def _journaled(path: Path) -> dict[tuple[str, int], Outcome]:
-    """The outcomes a worker journaled for a shard, by (input, line)."""
-    found: dict[tuple[str, int], Outcome] = {}
-    for outcome in read_records(path):
-        found.setdefault((outcome.input, outcome.line), outcome)
+def _journaled(path: Path) -> dict[tuple[str, int], tuple[Outcome, str]]:
+    """The outcomes a worker journaled for a shard, with their text, by (input, line)."""
+    found: dict[tuple[str, int], tuple[Outcome, str]] = {}
+    for outcome, text in read_lines(path):
+        found.setdefault((outcome.input, outcome.line), (outcome, text))
     return found

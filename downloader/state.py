@@ -130,13 +130,15 @@ def _same_lists(previous: list[dict[str, Any]], current: list[dict[str, Any]]) -
     return True
 
 
-def read_records(path: Path) -> Iterator[Outcome]:
-    """Records of a segment, journal or manifest; a torn last line (a kill) is skipped."""
+def read_lines(path: Path) -> Iterator[tuple[Outcome, str]]:
+    """Records of a segment, journal or manifest, each with its JSON text; a torn last
+    line (a kill) is skipped. The text is passed on as it is: a record is encoded once,
+    by the worker, not again by the parent for the segment and for the manifest."""
     try:
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 try:
-                    yield Outcome.from_json(line)
+                    yield Outcome.from_json(line), line.rstrip("\n")
                 except (ValueError, TypeError, KeyError):
                     continue
     except FileNotFoundError:
@@ -250,8 +252,8 @@ class RunState:
         if journals:
             with open(self._new_segment(), "a", encoding="utf-8") as segment:
                 for journal in journals:
-                    for outcome in read_records(journal):
-                        segment.write(outcome.to_json() + "\n")
+                    for _, text in read_lines(journal):
+                        segment.write(text + "\n")
         shutil.rmtree(self.journal_dir, ignore_errors=True)
 
     def _read_run_json(self) -> list[dict[str, Any]] | None:
@@ -270,7 +272,7 @@ class RunState:
     def _done_lines(self) -> LineSet:
         """Lines whose newest record is saved or skipped, with the file still on disk."""
         done, seen = LineSet(), LineSet()
-        for outcome in self.records():
+        for outcome, _ in self.records():
             key = (outcome.input, outcome.line)
             if key in seen:
                 continue
@@ -322,9 +324,10 @@ class RunState:
 
     # -- during the run --------------------------------------------------------------
 
-    def append(self, outcome: Outcome) -> None:
+    def append(self, outcome: Outcome, text: str | None = None) -> None:
+        """``text``: the record's JSON as the worker wrote it, if there is one."""
         assert self._segment is not None
-        self._segment.write(outcome.to_json() + "\n")
+        self._segment.write((text or outcome.to_json()) + "\n")
 
     def flush(self) -> None:
         if self._segment is not None:
@@ -332,11 +335,12 @@ class RunState:
 
     # -- the end -----------------------------------------------------------------------
 
-    def records(self) -> Iterator[Outcome]:
-        """Every record, newest first: segments from the last, then the old manifest."""
+    def records(self) -> Iterator[tuple[Outcome, str]]:
+        """Every record with its text, newest first: segments from the last, then the
+        old manifest."""
         for segment in sorted(self.segments_dir.glob("*.jsonl"), reverse=True):
-            yield from read_records(segment)
-        yield from read_records(self.outdir / MANIFEST)
+            yield from read_lines(segment)
+        yield from read_lines(self.outdir / MANIFEST)
 
     def close(self) -> None:
         if self._segment is not None:
