@@ -8,15 +8,18 @@ Installed from the distribution's packages when it is missing.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-# 67 bytes: a 1x1 PNG
+# a 1x1 PNG
 TINY_PNG = bytes.fromhex(
     "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
     "0000000a49444154789c63000100000500010d0a2db40000000049454e44ae426082"
@@ -72,23 +75,34 @@ def free_port() -> int:
 
 
 class Nginx:
-    def __init__(self, root: Path, state: Path, workers: int = 1) -> None:
+    """nginx if it is there or can be installed, else ``bench/static_server.py``
+    (``kind`` says which); ``prefer="python"`` asks for the fallback."""
+
+    def __init__(self, root: Path, state: Path, workers: int = 1, prefer: str = "nginx") -> None:
         self.root, self.state, self.workers = root, state, workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.kind = prefer
         self._process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Nginx:
-        if ensure_installed(("nginx-light", "nginx")):
-            raise SystemExit("nginx is missing and apt-get could not install it")
-        self.state.mkdir(parents=True, exist_ok=True)
-        (self.root / "tiny.png").write_bytes(TINY_PNG)
+    def _command(self) -> list[str]:
+        if self.kind == "nginx" and ensure_installed(("nginx-light", "nginx")):
+            print("nginx cannot be installed: serving with bench/static_server.py", flush=True)
+            self.kind = "python"
+        if self.kind == "python":
+            script = Path(__file__).with_name("static_server.py")
+            return [sys.executable, str(script), str(self.root), str(self.port), "2"]
         config = self.state / "nginx.conf"
         config.write_text(
             CONFIG.format(workers=self.workers, state=self.state, port=self.port, root=self.root)
         )
-        binary = shutil.which("nginx") or "nginx"
-        self._process = subprocess.Popen([binary, "-c", str(config)])
+        return [shutil.which("nginx") or "nginx", "-c", str(config)]
+
+    def __enter__(self) -> Nginx:
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.root / "tiny.png").write_bytes(TINY_PNG)
+        # A session of its own: the fallback's worker processes go with it at the end.
+        self._process = subprocess.Popen(self._command(), start_new_session=True)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -96,7 +110,7 @@ class Nginx:
                 return self
             except OSError:
                 if time.monotonic() > deadline or self._process.poll() is not None:
-                    raise SystemExit(f"nginx did not start; see {self.state}/error.log") from None
+                    raise SystemExit(f"{self.kind} did not start; see {self.state}") from None
                 time.sleep(0.05)
 
     def __exit__(
@@ -106,5 +120,5 @@ class Nginx:
         traceback: TracebackType | None,
     ) -> None:
         if self._process is not None:
-            self._process.terminate()
+            os.killpg(self._process.pid, signal.SIGTERM)
             self._process.wait(10)

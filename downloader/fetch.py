@@ -15,7 +15,7 @@ import os
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import NamedTuple
 
 import aiohttp
 from yarl import URL
@@ -117,6 +117,13 @@ def classify(exc: BaseException) -> tuple[Reason, str]:
     return Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {message}"
 
 
+class _Try(NamedTuple):
+    """Which attempt at a URL this is, and when the first began: the saved record says."""
+
+    attempt: int
+    started: float
+
+
 class Fetcher:
     """Downloads jobs with one shared session into one store."""
 
@@ -158,8 +165,7 @@ class Fetcher:
             http_status: int | None = None
             final = False
             try:
-                saved = await self._download(job, stem)
-                return dataclasses.replace(saved, attempts=attempt, elapsed_ms=_ms_since(started))
+                return await self._download(job, stem, _Try(attempt, started))
             except _Failed as exc:
                 reason, error = exc.reason, exc.error
                 http_status, retry_after, final = exc.http_status, exc.retry_after, exc.final
@@ -186,10 +192,10 @@ class Fetcher:
                 )
             await asyncio.sleep(self.retry.delay(attempt, retry_after))
 
-    async def _download(self, job: Job, stem: str) -> Outcome:
+    async def _download(self, job: Job, stem: str, this_try: _Try) -> Outcome:
         """Follow redirects ourselves: every hop's scheme and address are checked."""
         url = URL(job.url)
-        async with self._turn(job.url):
+        async with self._turn(url.host or ""):
             for _ in range(self.max_redirects + 1):
                 self.policy.check_host(url.raw_host or "")
                 async with await self._request(url, _conditions(job)) as resp:
@@ -198,6 +204,8 @@ class Fetcher:
                             job,
                             Reason.NOT_MODIFIED,
                             http_status=304,
+                            attempts=this_try.attempt,
+                            elapsed_ms=_ms_since(this_try.started),
                             path=job.previous_path,
                             etag=resp.headers.get("ETag", job.etag),
                             last_modified=resp.headers.get("Last-Modified", job.last_modified),
@@ -206,7 +214,7 @@ class Fetcher:
                     if resp.status in _REDIRECTS and location:
                         url = self._next_hop(url, location, resp.status)
                         continue
-                    outcome = await self._respond(job, stem, resp)
+                    outcome = await self._respond(job, stem, resp, this_try)
                     if str(url) != job.url:
                         outcome = dataclasses.replace(outcome, final_url=str(url))
                     return outcome
@@ -242,7 +250,9 @@ class Fetcher:
             )
         return target
 
-    async def _respond(self, job: Job, stem: str, resp: aiohttp.ClientResponse) -> Outcome:
+    async def _respond(
+        self, job: Job, stem: str, resp: aiohttp.ClientResponse, this_try: _Try
+    ) -> Outcome:
         """The final response: check status and headers, then stream the body."""
         status = resp.status
         if status != 200:
@@ -265,12 +275,14 @@ class Fetcher:
                 status,
             )
         try:
-            return await self._stream(job, stem, resp)
+            return await self._stream(job, stem, resp, this_try)
         except (aiohttp.ClientError, TimeoutError) as exc:  # keep the status we got
             reason, error = classify(exc)
             raise _Failed(reason, error, status) from None
 
-    async def _stream(self, job: Job, stem: str, resp: aiohttp.ClientResponse) -> Outcome:
+    async def _stream(
+        self, job: Job, stem: str, resp: aiohttp.ClientResponse, this_try: _Try
+    ) -> Outcome:
         """Body to a part file: size cap, speed floor, type sniff, Content-Length check.
 
         A body is held in memory up to ``SPOOL_BYTES`` and written at once when it
@@ -338,6 +350,8 @@ class Fetcher:
             raise
         return Outcome.saved(
             job,
+            attempts=this_try.attempt,
+            elapsed_ms=_ms_since(this_try.started),
             http_status=status,
             path=relpath,
             bytes=size,
@@ -347,10 +361,10 @@ class Fetcher:
             last_modified=resp.headers.get("Last-Modified"),
         )
 
-    def _turn(self, url: str) -> AbstractAsyncContextManager[None]:
+    def _turn(self, host: str) -> AbstractAsyncContextManager[None]:
         if self.limiter is None:
             return nullcontext()
-        return self.limiter.request(urlsplit(url).hostname or "")
+        return self.limiter.request(host)
 
     def _sniffed(self, head: bytes, resp: aiohttp.ClientResponse, status: int) -> ImageType:
         try:

@@ -94,6 +94,13 @@ class Limiter:
         self._run_interval = 1.0 / settings.rate if settings.rate else 0.0
         self._burst = settings.burst - 1
 
+    @property
+    def limits_anything(self) -> bool:
+        """False with no rate, no per-host rate or connection cap and no host overrides:
+        the fetcher then skips the limiter altogether."""
+        s = self.settings
+        return bool(s.rate or s.per_host_rate or s.per_host_connections or s.hosts)
+
     def host_rate(self, host: str) -> float | None:
         override = self.settings.hosts.get(host)
         if override is not None and override.rate is not None:

@@ -21,6 +21,7 @@ into the same address.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -109,11 +110,16 @@ class NetworkPolicy:
 
     def check_host(self, host: str) -> None:
         """Raise BlockedAddressError if ``host`` is a literal address that is refused."""
-        address = parse_host(host)
-        if address is not None:
-            why = self.refuses(address)
-            if why:
-                raise BlockedAddressError(why)
+        why = _host_verdict(self, host)
+        if why:
+            raise BlockedAddressError(why)
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_verdict(policy: NetworkPolicy, host: str) -> str | None:
+    """Cached: every request of a run asks about the same few hosts."""
+    address = parse_host(host)
+    return policy.refuses(address) if address is not None else None
 
 
 class GuardedResolver(AbstractResolver):

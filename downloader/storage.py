@@ -133,6 +133,19 @@ def stem_for(job: Job, template: str, fields: frozenset[str] = TEMPLATE_FIELDS) 
     return safe_relpath(template.format(**_fields(job, fields)))
 
 
+def _plain_template(template: str, fields: frozenset[str]) -> bool:
+    """True for templates (the default among them) whose names need no checking: fields
+    that are only hex digits or digits, around text that ``safe_relpath`` leaves as it
+    is. Checking every name cost more than writing the image."""
+    if not fields <= {"url_hash", "line"}:
+        return False
+    sample = template.format(url_hash="0" * 32, line=10**19)  # the longest names
+    try:
+        return safe_relpath(sample) == sample
+    except UnsafeNameError:
+        return False
+
+
 def case_insensitive(folder: Path) -> bool:
     """Does the file system of ``folder`` treat ``A`` and ``a`` as one name?"""
     probe = folder / f".imgdl-case-{secrets.token_hex(4)}"
@@ -159,12 +172,15 @@ class Store:
         self.root = root.resolve()
         self.template = template
         self._template_fields = template_fields(template)
+        self._plain = _plain_template(template, self._template_fields)
         self.probe = probe
         self._checked_dirs: set[str] = set()
         self._parts = self.root / PARTS_DIR / str(os.getpid())
         self._parts.mkdir(parents=True, exist_ok=True)
 
     def stem_for(self, job: Job) -> str:
+        if self._plain and not job.name:
+            return self.template.format(url_hash=url_hash(job.url), line=job.line)
         return stem_for(job, self.template, self._template_fields)
 
     def existing(self, stem: str) -> str | None:
@@ -184,14 +200,27 @@ class Store:
         return None
 
     def _prepare_dir(self, stem: str) -> None:
-        """Create the final folder once, and refuse one that a planted symlink leads out of."""
+        """Create the final folder once, and refuse one that a planted symlink leads out of.
+
+        ``stem`` is already safe (no ``..``, not absolute), so only a symbolic link
+        below the root can lead out: ``lstat`` each component, and resolve the whole
+        path only when one is a link (``realpath`` on every new folder cost more than
+        writing the image).
+        """
         final_dir = os.path.dirname(os.path.join(self.root, stem))
-        if final_dir not in self._checked_dirs:
-            os.makedirs(final_dir, exist_ok=True)
+        if final_dir in self._checked_dirs:
+            return
+        os.makedirs(final_dir, exist_ok=True)
+        below = os.path.dirname(stem).split("/")
+        links = any(
+            stat.S_ISLNK(os.lstat(os.path.join(self.root, *below[: i + 1])).st_mode)
+            for i in range(len(below))
+        )
+        if links:
             real = os.path.realpath(final_dir)
             if real != str(self.root) and not real.startswith(str(self.root) + os.sep):
                 raise UnsafeNameError(f"{stem!r} resolves outside the output folder")
-            self._checked_dirs.add(final_dir)
+        self._checked_dirs.add(final_dir)
 
     async def open_part(self, stem: str) -> PartFile:
         """A part file to stream a large body into, written through aiofiles' threads."""

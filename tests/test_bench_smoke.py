@@ -1,0 +1,43 @@
+"""The benchmark keeps working: a tiny run of bench/compare.py (no timing asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_compare_runs_and_verifies_every_file(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench/compare.py",
+            "--count",
+            "200",
+            "--rows",
+            "imgdl,naive-aiohttp",
+            "--server",
+            "python",
+            "--no-ceiling",
+            "--no-write",
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {
+        line.split("|")[1].strip(): line.split("|")
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and "images/s" not in line and "---" not in line
+    }
+    assert set(rows) == {"imgdl", "naive-aiohttp"}, result.stdout
+    for name, cells in rows.items():
+        assert cells[5].strip() == "200", (name, cells)  # verified on disk, byte for byte
+    assert "start-up to first request" in result.stdout
