@@ -27,7 +27,7 @@ _INSERT_BATCH = 1_000
 # without asking SQLite, so most lines cost one statement, not two.
 _BITMAP_BITS = 1 << 27
 _BITMAP_MASK = _BITMAP_BITS - 1
-_CACHE_KIB = 16 * 1024
+_CACHE_KIB = 4 * 1024
 
 
 def _keys(url: str) -> tuple[int, int]:
