@@ -350,7 +350,7 @@ def _nested_fields(loc: list[str]) -> list[str]:
 def _check_consistency(settings: Settings, layers: Mapping[str, tuple[Any, str]]) -> None:
     # Imported here: storage depends on settings' types only through plain values.
     from downloader.storage import check_template
-    from downloader.transport import ssl_context
+    from downloader.tls import ssl_context
 
     checks = (
         ("output.name_template", lambda: check_template(settings.output.name_template)),

@@ -6,35 +6,14 @@ worker only orchestrates and the fetcher only downloads.
 
 from __future__ import annotations
 
-import ssl
-
 import aiohttp
 
-from downloader.errors import ConfigError
 from downloader.netpolicy import GuardedResolver, NetworkPolicy
-from downloader.settings import Settings, TlsSettings
+from downloader.settings import Settings
+from downloader.tls import ssl_context
 
 #: Longest status line / header line accepted; a longer one is a protocol error.
 MAX_HEADER_LINE = 16 * 1024
-
-
-def ssl_context(tls: TlsSettings) -> ssl.SSLContext | bool:
-    """Verification on, with the system's trust store plus ``tls.ca_bundle`` (file or folder).
-
-    ``False`` only when ``tls.verify`` is false, which the parent warns about.
-    """
-    if not tls.verify:
-        return False
-    context = ssl.create_default_context()
-    if tls.ca_bundle is not None:
-        try:
-            if tls.ca_bundle.is_dir():
-                context.load_verify_locations(capath=str(tls.ca_bundle))
-            else:
-                context.load_verify_locations(cafile=str(tls.ca_bundle))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load {tls.ca_bundle}: {exc}") from None
-    return context
 
 
 def open_session(settings: Settings, policy: NetworkPolicy) -> aiohttp.ClientSession:

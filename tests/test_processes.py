@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -146,3 +147,22 @@ def test_second_sigint_aborts_at_once(server: DevServer, tmp_path: Path) -> None
     assert {(r["status"], r["reason"]) for r in blocked} == {("failed", "interrupted")}
     assert not list(out.rglob("*.part"))
     assert len(image_files(out)) == sum(r["status"] == "saved" for r in records)
+
+
+def test_parent_does_not_import_the_http_stack() -> None:
+    """Only workers download: the parent starts faster without aiohttp (about 0.2 s), and
+    a check of the settings (tls.ca_bundle among them) must not pull it in."""
+    probe = (
+        "import sys\n"
+        "from downloader import settings\n"
+        "from downloader.cli import cli\n"
+        "import downloader.runner\n"
+        "settings.load(config_file=None, overrides={})\n"
+        "heavy = ('aiohttp', 'downloader.fetch', 'downloader.transport')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
