@@ -155,11 +155,15 @@ class Outcome:
 
     @classmethod
     def from_json(cls, line: str) -> Outcome:
+        return cls.from_dict(cls.decode(line))
+
+    @staticmethod
+    def decode(line: str) -> Any:
+        """A record's JSON text, decoded; ValueError if it is not JSON."""
         try:
-            raw = orjson.loads(line)
+            return orjson.loads(line)
         except orjson.JSONDecodeError:  # orjson refuses the lone surrogates to_json escapes
-            raw = json.loads(line)
-        return cls.from_dict(raw)
+            return json.loads(line)
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Outcome))

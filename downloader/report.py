@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,15 +45,18 @@ class Totals:
     def lines(self) -> int:
         return sum(self.by_status.values())
 
-    def add(self, outcome: Outcome) -> None:
-        self.by_status[outcome.status] += 1
-        if outcome.reason is not None:
-            self.by_reason[outcome.reason] += 1
-        if outcome.reason is Reason.HTTP_ERROR and outcome.http_status is not None:
-            self.http_errors[outcome.http_status] += 1
-        if outcome.status is Status.SAVED:
-            self.bytes += outcome.bytes
-        if outcome.reason in REFETCHABLE and outcome.duplicate_of is None:
+    def add(self, record: Mapping[str, Any]) -> None:
+        """Count one manifest record, as decoded JSON (the merge builds no Outcome: 7 µs
+        each, on the path between the last download and the exit)."""
+        reason = record.get("reason")
+        self.by_status[record["status"]] += 1
+        if reason is not None:
+            self.by_reason[reason] += 1
+        if reason == Reason.HTTP_ERROR and record.get("http_status") is not None:
+            self.http_errors[record["http_status"]] += 1
+        if record["status"] == Status.SAVED:
+            self.bytes += record.get("bytes") or 0
+        if reason in REFETCHABLE and record.get("duplicate_of") is None:
             self.refetchable += 1
 
 
@@ -76,15 +79,15 @@ def compact(
         open(manifest_tmp, "w", encoding="utf-8") as manifest,
         open(failures_tmp, "w", encoding="utf-8") as failures,
     ):
-        for outcome, text in state.records():
-            key = (outcome.input, outcome.line)
+        for record, text in state.raw_records():
+            key = (record["input"], record["line"])
             if key in seen:
                 continue
             seen.add(key)
             manifest.write(text + "\n")
-            if outcome.reason in REFETCHABLE and outcome.duplicate_of is None:
-                failures.write(outcome.url + "\n")
-            totals.add(outcome)
+            if record.get("reason") in REFETCHABLE and record.get("duplicate_of") is None:
+                failures.write(record["url"] + "\n")
+            totals.add(record)
         for url in unread:
             failures.write(url + "\n")
             totals.refetchable += 1

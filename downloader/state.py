@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from downloader.errors import ImgdlError
-from downloader.outcomes import Outcome, Status
+from downloader.outcomes import Outcome, Reason, Status
 from downloader.sources import STDIN
 
 STATE_DIR = ".imgdl"
@@ -134,15 +134,45 @@ def read_lines(path: Path) -> Iterator[tuple[Outcome, str]]:
     """Records of a segment, journal or manifest, each with its JSON text; a torn last
     line (a kill) is skipped. The text is passed on as it is: a record is encoded once,
     by the worker, not again by the parent for the segment and for the manifest."""
+    for raw, text in read_raw(path):
+        try:
+            yield Outcome.from_dict(raw), text
+        except (ValueError, TypeError, KeyError):
+            continue
+
+
+def read_raw(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    """Like ``read_lines``, but the records as decoded JSON objects with the fields
+    every record has (input, line, url, status)."""
     try:
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 try:
-                    yield Outcome.from_json(line), line.rstrip("\n")
-                except (ValueError, TypeError, KeyError):
+                    raw = Outcome.decode(line)
+                except ValueError:
                     continue
+                if _well_formed(raw):
+                    yield raw, line.rstrip("\n")
     except FileNotFoundError:
         return
+
+
+_RECORD_KEYS = frozenset({"input", "line", "url", "status"})
+_STATUSES = frozenset(Status)
+_REASONS = frozenset(Reason)
+
+
+def _well_formed(raw: Any) -> bool:
+    """What a torn or foreign line would get wrong; the rest is the worker's own JSON."""
+    return (
+        isinstance(raw, dict)
+        and raw.keys() >= _RECORD_KEYS
+        and isinstance(raw["input"], str)
+        and isinstance(raw["line"], int)
+        and isinstance(raw["url"], str)
+        and raw["status"] in _STATUSES
+        and (raw.get("reason") is None or raw["reason"] in _REASONS)
+    )
 
 
 class Validators:
@@ -338,9 +368,16 @@ class RunState:
     def records(self) -> Iterator[tuple[Outcome, str]]:
         """Every record with its text, newest first: segments from the last, then the
         old manifest."""
-        for segment in sorted(self.segments_dir.glob("*.jsonl"), reverse=True):
+        for segment in self._record_files():
             yield from read_lines(segment)
-        yield from read_lines(self.outdir / MANIFEST)
+
+    def raw_records(self) -> Iterator[tuple[dict[str, Any], str]]:
+        """``records`` as decoded JSON, for the merge."""
+        for segment in self._record_files():
+            yield from read_raw(segment)
+
+    def _record_files(self) -> list[Path]:
+        return [*sorted(self.segments_dir.glob("*.jsonl"), reverse=True), self.outdir / MANIFEST]
 
     def close(self) -> None:
         if self._segment is not None:

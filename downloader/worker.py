@@ -11,6 +11,8 @@ about 0.2 s of start-up.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import dataclasses
 import os
 import signal
@@ -82,6 +84,28 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+_runner: asyncio.Runner | None = None
+
+
+def _event_loop() -> asyncio.Runner:
+    """The process's one event loop, kept from shard to shard with its HTTP session."""
+    global _runner
+    if _runner is None:
+        _runner = asyncio.Runner(loop_factory=_loop_factory())
+        atexit.register(_close_event_loop)
+    return _runner
+
+
+def _close_event_loop() -> None:
+    """At exit, close the session cleanly (no 'unclosed session' noise), then the loop."""
+    from downloader.shardrun import close_process_session
+
+    if _runner is not None:
+        with contextlib.suppress(Exception):
+            _runner.run(close_process_session())
+        _runner.close()
+
+
 def _exit_when_orphaned(parent_pid: int) -> None:
     """A worker whose parent was killed would wait for work forever on the pool's pipe.
 
@@ -101,7 +125,6 @@ def run_shard(shard: Shard) -> ShardResult:
     try:
         from downloader.shardrun import ShardRun  # imported already by init_worker
 
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(ShardRun(_context, shard).run())
+        return _event_loop().run(ShardRun(_context, shard).run())
     finally:
         _shard_running.clear()
