@@ -20,7 +20,7 @@ from typing import NamedTuple
 import aiohttp
 from yarl import URL
 
-from downloader.body import Body, BodyError
+from downloader.body import CHUNK_BYTES, Body, BodyError
 from downloader.errors import UnsafeNameError
 from downloader.limits import Limiter
 from downloader.manners import opted_out
@@ -39,9 +39,16 @@ from downloader.validate import (
 )
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-#: Bodies up to this size are held in memory and written in one call; at 64 in flight
-#: that is at most 16 MiB per worker.
+#: Bodies up to this size are held in memory and written in one call...
 SPOOL_BYTES = 256 * 1024
+#: ...as long as all the downloads in flight in one worker hold no more than this.
+SPOOL_BUDGET = 16 * 1024 * 1024
+
+
+def spool_bytes(concurrency: int) -> int:
+    """How much of one body is held in memory before it goes to a part file: 256 KiB
+    at the default 64 in flight, less with more, never below one read chunk."""
+    return max(CHUNK_BYTES, min(SPOOL_BYTES, SPOOL_BUDGET // max(1, concurrency)))
 
 
 class _Failed(Exception):
@@ -145,6 +152,7 @@ class Fetcher:
         self.opt_out = frozenset(d.lower() for d in settings.manners.opt_out)
         self.robots_token = settings.manners.robots_token
         self.read_window = settings.http.read_timeout
+        self.spool_bytes = spool_bytes(settings.http.concurrency)
         self.min_speed = settings.http.min_speed
         self.limiter = limiter
 
@@ -195,7 +203,7 @@ class Fetcher:
     async def _download(self, job: Job, stem: str, this_try: _Try) -> Outcome:
         """Follow redirects ourselves: every hop's scheme and address are checked."""
         url = URL(job.url)
-        async with self._turn(url.host or ""):
+        async with self._turn(url.raw_host or ""):
             for _ in range(self.max_redirects + 1):
                 self.policy.check_host(url.raw_host or "")
                 async with await self._request(url, _conditions(job)) as resp:
@@ -285,7 +293,7 @@ class Fetcher:
     ) -> Outcome:
         """Body to a part file: size cap, speed floor, type sniff, Content-Length check.
 
-        A body is held in memory up to ``SPOOL_BYTES`` and written at once when it
+        A body is held in memory up to ``spool_bytes`` and written at once when it
         ends; a larger one streams to a part file through aiofiles from there on.
         """
         status, declared = resp.status, resp.content_length
@@ -312,7 +320,7 @@ class Fetcher:
                     if len(head) < sniff_needs(head):
                         continue
                     image = self._sniffed(head, resp, status)
-                if size > SPOOL_BYTES:
+                if size > self.spool_bytes:
                     part = await self.store.open_part(stem)
                     await part.write(b"".join(held))
                     held = []

@@ -82,6 +82,17 @@ class SharedLimits:
             self.lock.release()
 
 
+def wire_host(host: str) -> str:
+    """A host name as requests carry it: ``bücher.example`` and ``xn--bcher-kva.example``
+    are one host, so a limit set under either spelling applies to both."""
+    from yarl import URL  # the workers' HTTP stack; the parent never calls this
+
+    try:
+        return URL.build(scheme="http", host=host).raw_host or host.lower()
+    except ValueError:
+        return host.lower()
+
+
 class Limiter:
     """One worker's view of the run's limits."""
 
@@ -93,6 +104,7 @@ class Limiter:
         self.local = AsyncLimiter(max(1.0, rate), max(1.0, rate) / rate) if rate else None
         self._run_interval = 1.0 / settings.rate if settings.rate else 0.0
         self._burst = settings.burst - 1
+        self._hosts = {wire_host(host): limits for host, limits in settings.hosts.items()}
 
     @property
     def limits_anything(self) -> bool:
@@ -102,13 +114,14 @@ class Limiter:
         return bool(s.rate or s.per_host_rate or s.per_host_connections or s.hosts)
 
     def host_rate(self, host: str) -> float | None:
-        override = self.settings.hosts.get(host)
+        """``host`` as it goes on the wire (``URL.raw_host``: IDNA, lower case)."""
+        override = self._hosts.get(host)
         if override is not None and override.rate is not None:
             return override.rate
         return self.settings.per_host_rate
 
     def host_connections(self, host: str) -> int:
-        override = self.settings.hosts.get(host)
+        override = self._hosts.get(host)
         if override is not None and override.connections is not None:
             return override.connections
         return self.settings.per_host_connections

@@ -167,3 +167,5 @@ class Outcome:
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Outcome))
+#: The manifest's columns: every record has exactly these keys.
+FIELDS = frozenset(_FIELD_NAMES)

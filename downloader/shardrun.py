@@ -38,11 +38,22 @@ class JournalError(Exception):
     """The shard's journal cannot be written (disk full): the shard cannot go on."""
 
 
+def _ends_torn(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() == 0:
+            return False
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) != b"\n"
+
+
 class Journal:
     """Append-only outcome log of one shard; each record is flushed to the OS at once."""
 
     def __init__(self, path: Path) -> None:
         self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        if _ends_torn(path):  # a killed attempt's last line: our first record starts anew
+            self._file.write("\n")
         self.done: set[tuple[str, int]] = set()
         self.counts: Counter[str] = Counter()
 

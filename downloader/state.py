@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from downloader.errors import ImgdlError
-from downloader.outcomes import Outcome, Reason, Status
+from downloader.outcomes import FIELDS, Outcome, Reason, Status
 from downloader.sources import STDIN
 
 STATE_DIR = ".imgdl"
@@ -132,18 +132,17 @@ def _same_lists(previous: list[dict[str, Any]], current: list[dict[str, Any]]) -
 
 def read_lines(path: Path) -> Iterator[tuple[Outcome, str]]:
     """Records of a segment, journal or manifest, each with its JSON text; a torn last
-    line (a kill) is skipped. The text is passed on as it is: a record is encoded once,
-    by the worker, not again by the parent for the segment and for the manifest."""
+    line (a kill) or a foreign one is skipped. The text is passed on as it is: a record
+    is encoded once, by the worker, not again by the parent for the segment and for the
+    manifest."""
     for raw, text in read_raw(path):
-        try:
-            yield Outcome.from_dict(raw), text
-        except (ValueError, TypeError, KeyError):
-            continue
+        yield Outcome.from_dict(raw), text
 
 
 def read_raw(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
-    """Like ``read_lines``, but the records as decoded JSON objects with the fields
-    every record has (input, line, url, status)."""
+    """Like ``read_lines``, but the records as decoded JSON (the final merge builds no
+    Outcome). A record written by an older version (fewer fields) comes out with every
+    field, re-encoded, so that the manifest's columns stay the same on every line."""
     try:
         with open(path, encoding="utf-8") as handle:
             for line in handle:
@@ -151,8 +150,16 @@ def read_raw(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
                     raw = Outcome.decode(line)
                 except ValueError:
                     continue
-                if _well_formed(raw):
+                if not _well_formed(raw):
+                    continue
+                if raw.keys() == FIELDS:
                     yield raw, line.rstrip("\n")
+                    continue
+                try:
+                    outcome = Outcome.from_dict(raw)
+                except (ValueError, TypeError, KeyError):  # a field this version lacks
+                    continue
+                yield outcome.to_dict(), outcome.to_json()
     except FileNotFoundError:
         return
 
@@ -164,14 +171,16 @@ _REASONS = frozenset(Reason)
 
 def _well_formed(raw: Any) -> bool:
     """What a torn or foreign line would get wrong; the rest is the worker's own JSON."""
+    if not (isinstance(raw, dict) and raw.keys() >= _RECORD_KEYS):
+        return False
+    status, reason = raw["status"], raw.get("reason")
     return (
-        isinstance(raw, dict)
-        and raw.keys() >= _RECORD_KEYS
-        and isinstance(raw["input"], str)
+        isinstance(raw["input"], str)
         and isinstance(raw["line"], int)
         and isinstance(raw["url"], str)
-        and raw["status"] in _STATUSES
-        and (raw.get("reason") is None or raw["reason"] in _REASONS)
+        and isinstance(status, str)
+        and status in _STATUSES
+        and (reason is None or (isinstance(reason, str) and reason in _REASONS))
     )
 
 

@@ -133,12 +133,21 @@ def stem_for(job: Job, template: str, fields: frozenset[str] = TEMPLATE_FIELDS) 
     return safe_relpath(template.format(**_fields(job, fields)))
 
 
+#: Format specs that keep a field to hex digits (url_hash) or digits (line).
+_PLAIN_SPECS = {"url_hash": re.compile(r"(\.\d+)?"), "line": re.compile(r"(0\d+)?d?")}
+
+
 def _plain_template(template: str, fields: frozenset[str]) -> bool:
     """True for templates (the default among them) whose names need no checking: fields
-    that are only hex digits or digits, around text that ``safe_relpath`` leaves as it
-    is. Checking every name cost more than writing the image."""
-    if not fields <= {"url_hash", "line"}:
-        return False
+    that can only be hex digits or digits (no fill character, no alternate form), around
+    text that ``safe_relpath`` leaves as it is. Checking every name cost more than
+    writing the image."""
+    for _, field, spec, _ in string.Formatter().parse(template):
+        if field is None:
+            continue
+        plain = _PLAIN_SPECS.get(field)
+        if plain is None or not plain.fullmatch(spec or ""):
+            return False
     sample = template.format(url_hash="0" * 32, line=10**19)  # the longest names
     try:
         return safe_relpath(sample) == sample
@@ -295,7 +304,7 @@ class PartFile:
     @classmethod
     def written(cls, root: Path, stem: str, parts: Path, body: bytes, probe: bool = True) -> Self:
         part = cls._new_name(parts)
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as open() does
         try:
             view = memoryview(body)
             while view:

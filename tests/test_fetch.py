@@ -252,3 +252,17 @@ def test_small_bodies_in_memory_and_large_ones_streamed_are_saved_whole(tmp_path
         assert record["bytes"] == len(body)
     assert len(image_files(out)) == len(sizes)
     assert not list((out / ".imgdl").rglob("*.part"))
+
+
+def test_bodies_held_in_memory_stay_within_a_budget_per_worker() -> None:
+    """With many downloads in flight, each holds less before spilling to a part file, so
+    that one worker's bodies in memory stay within SPOOL_BUDGET (invariant 3)."""
+    from downloader.body import CHUNK_BYTES
+    from downloader.fetch import SPOOL_BUDGET, SPOOL_BYTES, spool_bytes
+
+    assert spool_bytes(64) == SPOOL_BYTES
+    for concurrency in (1, 64, 65, 1000, 10_000):
+        held = spool_bytes(concurrency)
+        assert CHUNK_BYTES <= held <= SPOOL_BYTES
+        assert held * concurrency <= max(SPOOL_BUDGET, CHUNK_BYTES * concurrency)
+    assert spool_bytes(1000) < SPOOL_BYTES

@@ -138,3 +138,27 @@ def _take_and_die(shared: object) -> None:
 
     shared.lock.acquire()  # type: ignore[attr-defined]
     os._exit(0)
+
+
+@pytest.mark.parametrize(
+    "configured", ["bücher.example", "xn--bcher-kva.example", "BÜCHER.example"]
+)
+def test_a_host_limit_applies_to_every_spelling_of_the_host(configured: str) -> None:
+    """The fetcher asks for the host as it goes on the wire (IDNA); a limit configured
+    in Unicode or in punycode is the same host (review of issue 5: after a change to
+    yarl's decoded host, punycode keys stopped matching)."""
+    import multiprocessing
+
+    from yarl import URL
+
+    from downloader.limits import Limiter, SharedLimits
+    from downloader.settings import LimitsSettings
+
+    settings = LimitsSettings.model_validate(
+        {"hosts": {configured: {"rate": 0.5, "connections": 1}}}
+    )
+    limiter = Limiter(settings, SharedLimits.create(multiprocessing.get_context("spawn")))
+    for url in ("http://bücher.example/a.jpg", "http://xn--bcher-kva.example/a.jpg"):
+        host = URL(url).raw_host or ""
+        assert (limiter.host_rate(host), limiter.host_connections(host)) == (0.5, 1), url
+    assert (limiter.host_rate("example.org"), limiter.host_connections("example.org")) == (None, 0)

@@ -166,3 +166,21 @@ def test_parent_does_not_import_the_http_stack() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_retried_shard_does_not_glue_its_first_record_to_a_torn_line(tmp_path: Path) -> None:
+    """The attempt before was killed mid-write: its journal ends without a newline. The
+    retry appends to the same journal; its first record must not be lost with the torn
+    line (review of issue 5)."""
+    from downloader.outcomes import Job, Outcome, Reason
+    from downloader.shardrun import Journal
+    from downloader.state import read_lines
+
+    journal = tmp_path / "shard.jsonl"
+    first = Outcome.not_saved(Job(url="http://x/1", input="a", line=1), Reason.TIMEOUT)
+    journal.write_text(first.to_json() + "\n" + first.to_json()[:30])
+    second = Outcome.not_saved(Job(url="http://x/2", input="a", line=2), Reason.TIMEOUT)
+    writer = Journal(journal)
+    writer.write(second)
+    writer.close()
+    assert [o.line for o, _ in read_lines(journal)] == [1, 2]

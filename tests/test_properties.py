@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -100,3 +102,36 @@ def test_host_checks_only_raise_the_documented_error(host: str) -> None:
         NetworkPolicy().check_host(host)
     except Exception as exc:
         assert type(exc).__name__ == "BlockedAddressError"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{url_hash:.3}/{url_hash}",
+        "a/{line:08d}",
+        "x/{url_hash:.2}/{line}",
+        "a{line:/>3}_{url_hash}",
+        "{url_hash:.2}/{line:#g}",
+        "{line:8}",
+    ],
+)
+@given(line=st.integers(min_value=1, max_value=10**12), path=st.text(max_size=20))
+@settings(max_examples=60, deadline=None)
+def test_the_fast_names_are_the_checked_names(
+    tmp_path_factory: pytest.TempPathFactory, template: str, line: int, path: str
+) -> None:
+    """Store skips the name checks for plain templates; the names must be the ones the
+    checks give (review of issue 5: fill characters and '#g' changed names)."""
+    from downloader.storage import Store, stem_for
+
+    store = Store(tmp_path_factory.mktemp("out"), template)
+    job = Job(url=f"http://example.com/{quote(path)}", input="list.txt", line=line)
+    try:
+        expected: str | None = stem_for(job, template)
+    except UnsafeNameError:
+        expected = None
+    try:
+        got: str | None = store.stem_for(job)
+    except UnsafeNameError:
+        got = None
+    assert got == expected

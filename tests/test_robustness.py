@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import signal
 import subprocess
@@ -283,3 +284,25 @@ def test_a_slow_host_does_not_hold_back_the_others(tmp_path: Path) -> None:
     finally:
         slow.stop()
         fast.stop()
+
+
+def test_odd_records_in_an_old_manifest_neither_crash_nor_leak(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """A valid-JSON line with a status that is not a string crashed every later run in
+    the folder; a record from an older version (fewer fields) went into the manifest as
+    it was. Now the first is dropped and the second gets every column (review of issue 5)."""
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/i/{n}.jpg" for n in range(3)])
+    out = tmp_path / "out"
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 0
+    manifest = out / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    old = {k: v for k, v in records[0].items() if k not in ("etag", "final_url", "duplicate_of")}
+    odd = {**records[1], "status": {"v": "saved"}}
+    manifest.write_text("\n".join(json.dumps(r) for r in [old, odd, records[2]]) + "\n")
+    result = run_cli("fetch", str(listing), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    after = read_manifest(out)
+    assert sorted(r["line"] for r in after) == [1, 2, 3]
+    assert all(r.keys() == records[2].keys() for r in after)
