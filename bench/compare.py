@@ -21,7 +21,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -98,7 +97,10 @@ ROWS: dict[str, tuple[Callable[[Path, Path, int], list[str]], str]] = {
     "wget2": (wget2, "wget2 --max-threads N"),
     "aria2c": (aria2c, "aria2c -i -j N"),
     "naive-aiohttp": (naive, "bench/naive_aiohttp.py (semaphore, one session)"),
-    "img2dataset": (img2dataset, "img2dataset, files, resize off, 2 processes"),
+    "img2dataset": (
+        img2dataset,
+        f"img2dataset, files, resize off, {os.cpu_count()} processes",
+    ),
 }
 DISK_ROW = "imgdl-disk"
 
@@ -184,15 +186,17 @@ def startup(listing_lines: int, work: Path) -> float | None:
     process = subprocess.Popen(
         imgdl()(stamp_list, out, 64),
         env={**os.environ, **ALLOW_LOOPBACK},
-        start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     waiter.join()
-    os.killpg(process.pid, signal.SIGKILL)
+    # The parent only: its workers see it gone and leave, and multiprocessing's resource
+    # tracker, left alive, removes the run's semaphores (killing the whole group leaked
+    # them in /dev/shm).
+    process.kill()
     process.wait()
     listener.close()
-    time.sleep(1)  # workers see their parent gone and leave
+    time.sleep(2)
     shutil.rmtree(out, ignore_errors=True)
     return arrived[0] - started if arrived else None
 
@@ -256,7 +260,7 @@ def table(results: dict[str, object]) -> str:
     rate = ceiling_info.get("requests_per_s")
     lines.append(
         f"Ceiling (wrk -t1 -c{results['in_flight']}, 5 s, same files): "
-        + (f"{rate:,.0f} requests/s." if rate else f"not measured ({ceiling_info.get('error')}).")
+        + (f"{rate:,.0f} requests/s." if rate else f"not measured: {ceiling_info.get('error')}.")
     )
     start = results.get("startup_s")
     if start is not None:
@@ -350,7 +354,7 @@ def main() -> int:
             if args.no_ceiling
             else ceiling(server, names, work, args.in_flight)
         )
-        print(f"ceiling: {results['ceiling'].get('requests_per_s')} requests/s", flush=True)  # type: ignore[attr-defined]
+        print(f"ceiling: {results['ceiling']}"[:200], flush=True)
         if "imgdl" in wanted:
             results["startup_s"] = startup(args.count, work)
         for name in wanted:
