@@ -223,6 +223,8 @@ def test_in_process_run_with_the_real_pool(server: DevServer, tmp_path: Path) ->
         ["fetch", str(listing), "-o", str(out), "--processes", "2", "--shard-size", "10"],
         env=LOOPBACK_ALLOWED,
     )
+    # CliRunner reports an exception as exit code 1 too: only sys.exit counts here
+    assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 1, result.output
     summary = read_summary(out)
     assert (summary["saved"], summary["failed"], summary["http_errors"]) == (40, 1, {"410": 1})
