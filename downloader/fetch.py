@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -124,6 +125,16 @@ def classify(exc: BaseException) -> tuple[Reason, str]:
     return Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {message}"
 
 
+class RetryLater(Exception):
+    """The next try of ``job`` is due in ``delay`` seconds: hand it back to the parent,
+    which sends it out again with a later shard, instead of holding this shard open."""
+
+    def __init__(self, job: Job, delay: float) -> None:
+        super().__init__(f"retry in {delay:.2f} s")
+        self.job = job
+        self.delay = delay
+
+
 class _Try(NamedTuple):
     """Which attempt at a URL this is, and when the first began: the saved record says."""
 
@@ -141,8 +152,11 @@ class Fetcher:
         settings: Settings,
         limiter: Limiter | None = None,
         policy: NetworkPolicy | None = None,
+        defer_from: float = math.inf,
     ) -> None:
+        """``defer_from``: a retry due later than this many seconds raises RetryLater."""
         self.session = session
+        self.defer_from = defer_from
         self.store = store
         self.max_bytes = settings.validate_.max_bytes
         self.validate = settings.validate_
@@ -157,7 +171,8 @@ class Fetcher:
         self.limiter = limiter
 
     async def fetch(self, job: Job) -> Outcome:
-        """Download one job, retrying as the policy says; always returns an outcome."""
+        """Download one job, retrying as the policy says; returns an outcome, or raises
+        RetryLater when the next try is further off than ``defer_from``."""
         started = time.monotonic()
         try:
             stem = self.store.stem_for(job)
@@ -166,7 +181,7 @@ class Fetcher:
             return Outcome.not_saved(job, Reason.INVALID_NAME, error=str(exc))
         if existing is not None:
             return Outcome.not_saved(job, Reason.SKIPPED_EXISTS, path=existing)
-        attempt = 0
+        attempt = job.tries
         while True:
             attempt += 1
             retry_after: str | None = None
@@ -198,7 +213,10 @@ class Fetcher:
                     attempts=attempt,
                     elapsed_ms=_ms_since(started),
                 )
-            await asyncio.sleep(self.retry.delay(attempt, retry_after))
+            delay = self.retry.delay(attempt, retry_after)
+            if delay >= self.defer_from:
+                raise RetryLater(dataclasses.replace(job, tries=attempt), delay)
+            await asyncio.sleep(delay)
 
     async def _download(self, job: Job, stem: str, this_try: _Try) -> Outcome:
         """Follow redirects ourselves: every hop's scheme and address are checked."""

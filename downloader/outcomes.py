@@ -88,6 +88,8 @@ class Job:
     etag: str | None = None
     last_modified: str | None = None
     previous_path: str | None = None
+    #: Tries made in earlier shards: a retry waits in the parent, not in a shard.
+    tries: int = 0
 
     @property
     def revalidating(self) -> bool:

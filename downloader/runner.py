@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import heapq
 import multiprocessing
 import os
 import secrets
 import signal
+import time
 import types
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -121,6 +123,9 @@ class Runner:
         self._limits = SharedLimits.create(self._mp)
         self._signal_exit: int | None = None
         self._reader_errors: list[str] = []
+        #: failed jobs waiting for their next try: (due, sequence, job), earliest first
+        self._later: list[tuple[float, int, Job]] = []
+        self._later_seq = 0
         self._abort = False
         self._probe_existing = True
 
@@ -222,9 +227,18 @@ class Runner:
                 linger=self.settings.run.shard_linger,
                 run_token=secrets.token_hex(4),  # a killed run's journals never clash
             )
-            self._drive(iter(cutter), report)
+            self._drive(cutter, report)
             for job in cutter.pending:  # read, but the run stopped before sending them
                 report.record(Outcome.not_saved(job, Reason.INTERRUPTED, error="stopped"))
+            for _, _, job in self._later:  # failed once at least; stopped before a retry
+                report.record(
+                    Outcome.not_saved(
+                        job,
+                        Reason.INTERRUPTED,
+                        error="stopped before its retry",
+                        attempts=job.tries,
+                    )
+                )
             input_errors = [i.error for i in self.inputs if i.error] + self._reader_errors
             complete = lines.exhausted and not input_errors
             summary = report.finish(
@@ -293,21 +307,34 @@ class Runner:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
-    def _drive(self, shards: Iterator[Shard | None], report: RunReport) -> None:
+    def _due_retries(self, cutter: sharding.Cutter) -> Shard | None:
+        """A shard of the deferred jobs whose retry is due, if any."""
+        now = time.monotonic()
+        due: list[Job] = []
+        while self._later and self._later[0][0] <= now and len(due) < self.settings.run.shard_size:
+            due.append(heapq.heappop(self._later)[2])
+        return cutter.shard_of(due) if due else None
+
+    def _defer(self, deferred: tuple[tuple[Job, float], ...]) -> None:
+        now = time.monotonic()
+        for job, delay in deferred:
+            self._later_seq += 1
+            heapq.heappush(self._later, (now + delay, self._later_seq, job))
+
+    def _drive(self, cutter: sharding.Cutter, report: RunReport) -> None:
+        shards = iter(cutter)
         original: dict[int, Shard] = {}
         inflight: dict[Future[ShardResult], Shard] = {}
         reading = True
         pool = self._new_pool()
         try:
             while True:
-                while (
-                    reading
-                    and self._signal_exit is None
-                    and len(inflight) < self.settings.shards_in_flight
-                ):
-                    shard = self._next_shard(shards)
-                    if shard is False:
-                        reading = False
+                while self._signal_exit is None and len(inflight) < self.settings.shards_in_flight:
+                    shard: Shard | bool | None = self._due_retries(cutter)
+                    if shard is None and reading:
+                        shard = self._next_shard(shards)
+                        if shard is False:
+                            reading = False
                     if not isinstance(shard, Shard):
                         break
                     original[shard.shard_id] = shard
@@ -317,9 +344,14 @@ class Runner:
                         pool, inflight = self._recover(
                             pool, [*inflight.values(), shard], original, report
                         )
-                if not inflight and (not reading or self._signal_exit is not None):
+                stopping = self._signal_exit is not None
+                if not inflight and (stopping or (not reading and not self._later)):
                     return
                 if not inflight:
+                    if not reading:  # only retries left, none due yet
+                        time.sleep(
+                            min(POLL_SECONDS, max(0.0, self._later[0][0] - time.monotonic()))
+                        )
                     continue  # the input is slow: nothing to wait for yet
                 if self._abort:
                     self._abort_now(pool, inflight, original, report)
@@ -348,12 +380,15 @@ class Runner:
                         shard=result.shard_id,
                         counts=result.counts,
                         elapsed_s=round(result.elapsed_s, 2),
+                        deferred=len(result.deferred),
                     )
+                    self._defer(result.deferred)
                     self._close_shard(
                         original.pop(shard.shard_id),
                         report,
                         Reason.INTERNAL_ERROR,
                         "no outcome recorded by the worker",
+                        later=frozenset((job.input, job.line) for job, _ in result.deferred),
                     )
                 if broken:
                     pool, inflight = self._recover(pool, list(inflight.values()), original, report)
@@ -457,8 +492,17 @@ class Runner:
             )
         return retry
 
-    def _close_shard(self, shard: Shard, report: RunReport, missing: Reason, error: str) -> None:
-        report.merge(shard.jobs, _journaled(shard.journal), missing, error)
+    def _close_shard(
+        self,
+        shard: Shard,
+        report: RunReport,
+        missing: Reason,
+        error: str,
+        later: frozenset[tuple[str, int]] = frozenset(),
+    ) -> None:
+        """Record the shard's outcomes; the jobs in ``later`` get theirs from a retry."""
+        jobs = [j for j in shard.jobs if (j.input, j.line) not in later] if later else shard.jobs
+        report.merge(jobs, _journaled(shard.journal), missing, error)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(shard.journal)
 

@@ -64,12 +64,16 @@ class Cutter:
         self._next_id = 0
 
     def _emit(self) -> Shard:
-        shard_id = self._next_id
-        journal = self.journal_dir / f"{self.prefix}{shard_id:08d}.jsonl"
-        shard = Shard(shard_id, tuple(self.pending), journal)
-        self._next_id += 1
+        shard = self.shard_of(self.pending)
         self.pending = []
         return shard
+
+    def shard_of(self, jobs: list[Job]) -> Shard:
+        """A shard of these jobs, numbered after the others (retries use it too)."""
+        shard_id = self._next_id
+        self._next_id += 1
+        journal = self.journal_dir / f"{self.prefix}{shard_id:08d}.jsonl"
+        return Shard(shard_id, tuple(jobs), journal)
 
     def __iter__(self) -> Iterator[Shard | None]:
         first_at = 0.0

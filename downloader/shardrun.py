@@ -19,7 +19,7 @@ from typing import IO
 
 import aiohttp
 
-from downloader.fetch import Fetcher
+from downloader.fetch import Fetcher, RetryLater
 from downloader.limits import Limiter
 from downloader.netpolicy import NetworkPolicy
 from downloader.outcomes import Job, Outcome, Reason
@@ -32,6 +32,9 @@ from downloader.worker import ShardResult, WorkerContext
 
 #: How often a worker looks at the parent's stop flag.
 STOP_POLL_SECONDS = 0.1
+#: A retry due later than this goes back to the parent (see fetch.RetryLater): a
+#: shard ends when its last URL does, and a backoff inside it idled the process.
+DEFER_RETRIES_FROM = 0.1
 
 
 class JournalError(Exception):
@@ -98,6 +101,8 @@ class ShardRun:
         self.context = context
         self.shard = shard
         self.stopping = asyncio.Event()
+        #: jobs whose next try is for a later shard, with its delay in seconds
+        self.deferred: list[tuple[Job, float]] = []
         self.log = get_logger(shard=shard.shard_id, attempt=shard.attempt, pid=os.getpid())
 
     async def run(self) -> ShardResult:
@@ -118,6 +123,7 @@ class ShardRun:
             pid=os.getpid(),
             counts=dict(journal.counts),
             elapsed_s=time.monotonic() - started,
+            deferred=tuple(self.deferred),
         )
 
     async def _run(self, journal: Journal) -> None:
@@ -138,6 +144,7 @@ class ShardRun:
             self.settings,
             limiter if limiter.limits_anything else None,
             policy,
+            defer_from=DEFER_RETRIES_FROM,
         )
         watcher = asyncio.create_task(self._watch_stop())
         producer = asyncio.create_task(self._produce(queue, consumers_n, journal))
@@ -162,8 +169,10 @@ class ShardRun:
             await asyncio.gather(*tasks, watcher, grace, return_exceptions=True)
         # Whatever did not get an outcome (cancelled in the grace period, a bug):
         reason = Reason.INTERRUPTED if self.stopping.is_set() else Reason.INTERNAL_ERROR
+        later = {(job.input, job.line) for job, _ in self.deferred}
         for job in self.shard.jobs:
-            if (job.input, job.line) not in journal.done:
+            key = (job.input, job.line)
+            if key not in journal.done and key not in later:
                 journal.write(Outcome.not_saved(job, reason, error="no outcome recorded"))
 
     async def _watch_stop(self) -> None:
@@ -206,6 +215,9 @@ class ShardRun:
                     outcome = Outcome.not_saved(job, Reason.INTERRUPTED, error="stopped")
                 else:
                     outcome = await fetcher.fetch(job)
+            except RetryLater as later:
+                self.deferred.append((later.job, later.delay))
+                continue
             except asyncio.CancelledError:
                 journal.write(Outcome.not_saved(job, Reason.INTERRUPTED, error="grace period over"))
                 raise

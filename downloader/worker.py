@@ -23,6 +23,7 @@ from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 
 from downloader.limits import SharedLimits
+from downloader.outcomes import Job
 from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.telemetry import configure_logging
@@ -51,6 +52,9 @@ class ShardResult:
     pid: int
     counts: dict[str, int]
     elapsed_s: float
+    #: jobs that failed and are to be tried again later, with the delay in seconds;
+    #: they have no record in the journal
+    deferred: tuple[tuple[Job, float], ...] = ()
 
 
 _context: WorkerContext | None = None
