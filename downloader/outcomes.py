@@ -124,6 +124,8 @@ class Outcome:
 
     @classmethod
     def not_saved(cls, job: Job, reason: Reason, **fields: Any) -> Outcome:
+        """``attempts`` defaults to the tries the job had before this shard."""
+        fields.setdefault("attempts", job.tries)
         return cls(
             input=job.input,
             line=job.line,

@@ -315,6 +315,14 @@ class Runner:
             due.append(heapq.heappop(self._later)[2])
         return cutter.shard_of(due) if due else None
 
+    @property
+    def _retries_full(self) -> bool:
+        """As many jobs wait for a retry as the run has downloads in flight: read no new
+        input until some are sent. Before, a job waited in its consumer, so at most that
+        many waited, and a host that answers 429 to everything got no more new work
+        than that; this keeps the bound, for politeness and for the parent's memory."""
+        return len(self._later) >= self.settings.http.concurrency * self.settings.processes
+
     def _defer(self, deferred: tuple[tuple[Job, float], ...]) -> None:
         now = time.monotonic()
         for job, delay in deferred:
@@ -331,7 +339,7 @@ class Runner:
             while True:
                 while self._signal_exit is None and len(inflight) < self.settings.shards_in_flight:
                     shard: Shard | bool | None = self._due_retries(cutter)
-                    if shard is None and reading:
+                    if shard is None and reading and not self._retries_full:
                         shard = self._next_shard(shards)
                         if shard is False:
                             reading = False
@@ -348,7 +356,7 @@ class Runner:
                 if not inflight and (stopping or (not reading and not self._later)):
                     return
                 if not inflight:
-                    if not reading:  # only retries left, none due yet
+                    if not reading or self._retries_full:  # only retries to send, none due
                         time.sleep(
                             min(POLL_SECONDS, max(0.0, self._later[0][0] - time.monotonic()))
                         )

@@ -201,3 +201,31 @@ def test_a_retry_still_waiting_when_the_run_stops_is_interrupted(
     assert (record["reason"], record["attempts"]) == ("interrupted", 1), record
     assert server.hits["/throttle/60/1"] == 1
     assert (out / "failures.txt").read_text().split() == [f"{server.url}/throttle/60/1"]
+
+
+def test_jobs_waiting_for_a_retry_are_bounded_by_the_downloads_in_flight(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """Every URL answers 429 with Retry-After 60. Retries wait in the parent, but no more
+    of them than the run has downloads in flight (here 1 process x 4): new input is not
+    read meanwhile, so the host gets no flood of first requests and the parent's memory
+    stays bounded (review of issue 5: all 5,000 lines of a list got their first try)."""
+    paths = [f"/throttle/60/{n}" for n in range(300)]
+    listing = write_list(tmp_path / "u.txt", [server.url + p for p in paths])
+    out = tmp_path / "out"
+    flags = ["--processes", "1", "--concurrency", "4", "--shard-size", "10"]
+    process = start_cli("fetch", str(listing), "-o", str(out), *flags)
+    wait_for(lambda: sum(1 for p in paths if server.hits.get(p)) >= 4)
+    time.sleep(2)
+    tried = {p for p in paths if server.hits.get(p)}
+    # 4 waiting, plus what the two shards in flight (10 jobs each) had started
+    assert 4 <= len(tried) <= 4 + 2 * 10, len(tried)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    records = read_manifest(out)  # lines never read have no record: the next run does them
+    lines = [r["line"] for r in records]
+    assert len(lines) == len(set(lines))
+    by_path = {r["url"].removeprefix(server.url): r for r in records}
+    assert all(by_path[p]["attempts"] == 1 for p in tried)
+    assert {r["reason"] for r in records} == {"interrupted"}
