@@ -31,6 +31,11 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
+def refetchable(record: Mapping[str, Any]) -> bool:
+    """Does this record's URL go to failures.txt? (A duplicate's URL is its first line's.)"""
+    return record.get("reason") in REFETCHABLE and record.get("duplicate_of") is None
+
+
 @dataclasses.dataclass
 class Totals:
     """Counts over the merged manifest."""
@@ -56,7 +61,7 @@ class Totals:
             self.http_errors[record["http_status"]] += 1
         if record["status"] == Status.SAVED:
             self.bytes += record.get("bytes") or 0
-        if reason in REFETCHABLE and record.get("duplicate_of") is None:
+        if refetchable(record):
             self.refetchable += 1
 
 
@@ -85,7 +90,7 @@ def compact(
                 continue
             seen.add(key)
             manifest.write(text + "\n")
-            if record.get("reason") in REFETCHABLE and record.get("duplicate_of") is None:
+            if refetchable(record):
                 failures.write(record["url"] + "\n")
             totals.add(record)
         for url in unread:

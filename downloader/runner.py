@@ -231,14 +231,8 @@ class Runner:
             for job in cutter.pending:  # read, but the run stopped before sending them
                 report.record(Outcome.not_saved(job, Reason.INTERRUPTED, error="stopped"))
             for _, _, job in self._later:  # failed once at least; stopped before a retry
-                report.record(
-                    Outcome.not_saved(
-                        job,
-                        Reason.INTERRUPTED,
-                        error="stopped before its retry",
-                        attempts=job.tries,
-                    )
-                )
+                why = "stopped before its retry"  # attempts: its tries, as for any job
+                report.record(Outcome.not_saved(job, Reason.INTERRUPTED, error=why))
             input_errors = [i.error for i in self.inputs if i.error] + self._reader_errors
             complete = lines.exhausted and not input_errors
             summary = report.finish(

@@ -311,7 +311,7 @@ class RunState:
     def _done_lines(self) -> LineSet:
         """Lines whose newest record is saved or skipped, with the file still on disk."""
         done, seen = LineSet(), LineSet()
-        for outcome, _ in self.records():
+        for outcome in self.records():
             key = (outcome.input, outcome.line)
             if key in seen:
                 continue
@@ -374,14 +374,14 @@ class RunState:
 
     # -- the end -----------------------------------------------------------------------
 
-    def records(self) -> Iterator[tuple[Outcome, str]]:
-        """Every record with its text, newest first: segments from the last, then the
-        old manifest."""
+    def records(self) -> Iterator[Outcome]:
+        """Every record, newest first: segments from the last, then the old manifest."""
         for segment in self._record_files():
-            yield from read_lines(segment)
+            for outcome, _ in read_lines(segment):
+                yield outcome
 
     def raw_records(self) -> Iterator[tuple[dict[str, Any], str]]:
-        """``records`` as decoded JSON, for the merge."""
+        """``records`` as decoded JSON with its text, for the merge."""
         for segment in self._record_files():
             yield from read_raw(segment)
 
