@@ -174,13 +174,13 @@ def fetch(inputs: tuple[str, ...], config_file: Path | None, **params: Any) -> N
     """
     from downloader.runner import Runner
     from downloader.sources import open_inputs
-    from downloader.telemetry import TelemetryScope, configure_logging
+    from downloader.telemetry import Telemetry, configure_logging
 
     effective = _effective(config_file, params)
     settings = effective.settings
     configure_logging(settings.log.level, settings.log.format)
     opened = open_inputs(inputs, settings.input)
-    with TelemetryScope("parent"):
+    with Telemetry("parent"):
         exit_code, summary = Runner(settings, opened).run()
     click.echo(summary_text(summary, settings.output.dir), err=True)
     sys.exit(exit_code)

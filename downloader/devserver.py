@@ -44,6 +44,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Self
 
 from aiohttp import web
 
@@ -63,7 +64,68 @@ def busiest_window(times: list[float], width: float = 2.0) -> int:
     return best
 
 
-class DevServer:
+class BackgroundApp:
+    """An aiohttp application served on loopback from a thread of its own: the dev
+    server, and the test doubles (an OTLP collector) that tests start beside it."""
+
+    host = "127.0.0.1"
+    port = 0
+    ssl_context: ssl.SSLContext | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+    _thread: threading.Thread | None = None
+
+    def app(self) -> web.Application:
+        raise NotImplementedError
+
+    async def start_async(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    def start(self) -> Self:
+        """Start in a background thread; returns once the server accepts connections."""
+        ready = threading.Event()
+
+        def serve() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self.start_async())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name=type(self).__name__, daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError(f"{type(self).__name__} did not start")
+        return self
+
+    def _before_stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called in the caller's thread before the server shuts down."""
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        loop = self._loop
+        self._before_stop(loop)
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        self._loop = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class DevServer(BackgroundApp):
     """The server, runnable in a background thread (tests) or in the foreground (demo)."""
 
     def __init__(
@@ -85,8 +147,6 @@ class DevServer:
         self.ssl_context = ssl_context
         self.bodies = bodies or {}
         self.requests: list[tuple[float, str, str]] = []  # (monotonic time, host header, path)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
         self._release: asyncio.Event | None = None
         self.blocked = 0
         self.hits: dict[str, int] = {}
@@ -95,7 +155,6 @@ class DevServer:
         self.etag_version = 0
         self._bomb_cache: bytes | None = None
         self.max_inflight = 0
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -299,53 +358,16 @@ class DevServer:
 
     async def start_async(self) -> None:
         self._release = asyncio.Event()
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-
-    def start(self) -> DevServer:
-        """Start in a background thread; returns once the server accepts connections."""
-        ready = threading.Event()
-
-        def serve() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self.start_async())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=serve, name="devserver", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("dev server did not start")
-        return self
+        await super().start_async()
 
     def release(self) -> None:
         """Let every request waiting on /block/N (now and later) go on."""
         assert self._loop is not None and self._release is not None
         self._loop.call_soon_threadsafe(self._release.set)
 
-    def stop(self) -> None:
-        if self._loop is None:
-            return
-        loop = self._loop
+    def _before_stop(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._release is not None:
             loop.call_soon_threadsafe(self._release.set)
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-        self._loop = None
-
-    def __enter__(self) -> DevServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import aiohttp
 
@@ -26,7 +26,7 @@ from downloader.outcomes import Job, Outcome, Reason
 from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.storage import Store
-from downloader.telemetry import TelemetryScope, get_logger
+from downloader.telemetry import get_logger, process_telemetry
 from downloader.transport import open_session
 from downloader.worker import ShardResult, WorkerContext
 
@@ -104,19 +104,25 @@ class ShardRun:
         #: jobs whose next try is for a later shard, with its delay in seconds
         self.deferred: list[tuple[Job, float]] = []
         self.log = get_logger(shard=shard.shard_id, attempt=shard.attempt, pid=os.getpid())
+        self.telemetry = process_telemetry("worker")
+        self.span: Any = None
 
     async def run(self) -> ShardResult:
         started = time.monotonic()
-        telemetry = TelemetryScope("worker", shard=self.shard.shard_id)
         journal = Journal(self.shard.journal)
+        self.span = self.telemetry.start_shard(
+            self.shard.shard_id, self.shard.attempt, len(self.shard.jobs)
+        )
         try:
-            with telemetry:
-                self.log.info("shard started", urls=len(self.shard.jobs))
-                await self._run(journal)
-                self.log.info("shard finished", counts=dict(journal.counts))
+            self.log.info("shard started", urls=len(self.shard.jobs))
+            await self._run(journal)
+            self.log.info("shard finished", counts=dict(journal.counts))
         finally:
             journal.close()
-            telemetry.close()
+            self.telemetry.end_shard(self.span, journal.counts)
+            # Each shard's signals leave before its result does: a worker may be
+            # killed, or leave without exit hooks, at any time after this.
+            self.telemetry.flush()
         return ShardResult(
             shard_id=self.shard.shard_id,
             attempt=self.shard.attempt,
@@ -211,10 +217,15 @@ class ShardRun:
             if job is None:
                 return
             try:
+                start_ns = time.time_ns()
                 if self.stopping.is_set():
                     outcome = Outcome.not_saved(job, Reason.INTERRUPTED, error="stopped")
                 else:
-                    outcome = await fetcher.fetch(job)
+                    self.telemetry.request_started()
+                    try:
+                        outcome = await fetcher.fetch(job)
+                    finally:
+                        self.telemetry.request_ended()
             except RetryLater as later:
                 self.deferred.append((later.job, later.delay))
                 continue
@@ -224,4 +235,5 @@ class ShardRun:
             except Exception as exc:  # a bug in fetch: this URL fails, the others go on
                 outcome = Outcome.not_saved(job, Reason.INTERNAL_ERROR, error=repr(exc))
             journal.write(outcome)
+            self.telemetry.url_done(outcome, self.span, start_ns, time.time_ns())
             self.log.debug("url done", url=job.url, status=outcome.status, reason=outcome.reason)

@@ -1,227 +1,47 @@
-"""OpenTelemetry log export from every process, against a real OTLP/HTTP receiver.
+"""OpenTelemetry export of logs, traces and metrics from every process, against a real
+OTLP/HTTP receiver (tests/otlp_receiver.py).
 
-The requirement: log records are exported from every worker process, which proves
-that the flush at the end of each shard happens (pool workers leave through
-``os._exit``-like paths where no atexit hook runs). The schedule delays are set to a
-minute, so a record can only reach the receiver through that explicit flush.
+The requirement: every worker process exports all three signals, which proves the
+flush at the end of each shard and at exit (pool workers can leave through
+``os._exit``-like paths where no atexit hook runs). The schedule delays and the
+metric export interval are set to a minute, so anything can only reach the
+receiver through those explicit flushes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import gzip
+import os
+import signal
 import socket
-import threading
 import time
-import zlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
-    ExportLogsServiceRequest,
-    ExportLogsServiceResponse,
-)
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from downloader.devserver import DevServer
-from tests.conftest import clean_env, read_manifest, read_summary, run_cli, write_list
+from tests.conftest import (
+    clean_env,
+    read_manifest,
+    read_summary,
+    run_cli,
+    start_cli,
+    wait_for,
+    write_list,
+)
+from tests.otlp_receiver import OtlpReceiver, ReceivedPoint, SilentListener
 
 URLS = 400
 SHARD_SIZE = 50
 SHARDS = URLS // SHARD_SIZE
 
 
-def _value(value: AnyValue) -> Any:
-    """The Python value of an OTLP ``AnyValue`` (scalars; anything else as text)."""
-    kind = value.WhichOneof("value")
-    if kind is None:
-        return None
-    if kind in ("string_value", "bool_value", "int_value", "double_value", "bytes_value"):
-        return getattr(value, kind)
-    return str(getattr(value, kind))
-
-
-@dataclasses.dataclass(frozen=True)
-class ReceivedLog:
-    resource: dict[str, Any]
-    body: Any
-    severity: str
-    attributes: dict[str, Any]
-
-    @property
-    def pid(self) -> Any:
-        return self.resource.get("process.pid")
-
-    @property
-    def role(self) -> Any:
-        return self.resource.get("imgdl.role")
-
-    @property
-    def shard(self) -> Any:
-        return self.resource.get("imgdl.shard")
-
-
-class OtlpReceiver:
-    """A minimal OTLP/HTTP collector on 127.0.0.1, in a background thread."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.logs: list[ReceivedLog] = []
-        self.requests: list[tuple[str, str | None]] = []  # (path, Content-Encoding)
-        self.errors: list[str] = []
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def snapshot(self) -> list[ReceivedLog]:
-        with self._lock:
-            return list(self.logs)
-
-    @staticmethod
-    def _decode_body(raw: bytes, encoding: str | None) -> bytes:
-        # aiohttp may already have undone Content-Encoding; look at the bytes themselves.
-        if raw[:2] == b"\x1f\x8b":
-            return gzip.decompress(raw)
-        if encoding == "deflate":
-            try:
-                return zlib.decompress(raw)
-            except zlib.error:
-                return raw
-        return raw
-
-    async def _logs(self, request: web.Request) -> web.Response:
-        encoding = request.headers.get("Content-Encoding")
-        raw = await request.read()
-        with self._lock:
-            self.requests.append((request.path, encoding))
-        try:
-            message = ExportLogsServiceRequest()
-            message.ParseFromString(self._decode_body(raw, encoding))
-        except Exception as exc:  # recorded and asserted on by the tests
-            with self._lock:
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-            return web.Response(status=400, text="bad request")
-        received: list[ReceivedLog] = []
-        for resource_logs in message.resource_logs:
-            resource = {a.key: _value(a.value) for a in resource_logs.resource.attributes}
-            for scope_logs in resource_logs.scope_logs:
-                for record in scope_logs.log_records:
-                    received.append(
-                        ReceivedLog(
-                            resource=resource,
-                            body=_value(record.body),
-                            severity=record.severity_text,
-                            attributes={a.key: _value(a.value) for a in record.attributes},
-                        )
-                    )
-        with self._lock:
-            self.logs.extend(received)
-        return web.Response(
-            body=ExportLogsServiceResponse().SerializeToString(),
-            content_type="application/x-protobuf",
-        )
-
-    async def _other(self, request: web.Request) -> web.Response:
-        await request.read()
-        with self._lock:
-            self.requests.append((request.path, request.headers.get("Content-Encoding")))
-        return web.Response(body=b"", content_type="application/x-protobuf")
-
-    async def _start_async(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/logs", self._logs)
-        app.router.add_post("/v1/traces", self._other)
-        app.router.add_post("/v1/metrics", self._other)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-
-    def start(self) -> OtlpReceiver:
-        ready = threading.Event()
-
-        def serve() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self._start_async())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=serve, name="otlp-receiver", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("OTLP receiver did not start")
-        return self
-
-    def stop(self) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-        self._loop = None
-
-
-class SilentListener:
-    """Accepts TCP connections on 127.0.0.1 and never answers (a hung collector)."""
-
-    def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self._sock.settimeout(0.2)
-        self.port: int = self._sock.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="silent-otlp", daemon=True)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted.append(conn)  # held open, never read from nor written to
-
-    def start(self) -> SilentListener:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        for conn in self.accepted:
-            conn.close()
-        self._sock.close()
-
-
 @pytest.fixture
 def receiver() -> Iterator[OtlpReceiver]:
-    rcv = OtlpReceiver().start()
-    try:
+    with OtlpReceiver() as rcv:
         yield rcv
-    finally:
-        rcv.stop()
 
 
 @pytest.fixture
@@ -248,18 +68,44 @@ def _assert_all_saved(outdir: Path) -> None:
     assert summary["exit_code"] == 0, summary
 
 
+def _otel_env(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
+    """Export everything to ``receiver``; nothing leaves on a timer, only by our flushes."""
+    return clean_env(
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_BSP_SCHEDULE_DELAY="60000",
+        OTEL_BLRP_SCHEDULE_DELAY="60000",
+        OTEL_METRIC_EXPORT_INTERVAL="60000",
+        **extra,
+    )
+
+
+def _last_points(points: list[ReceivedPoint], metric: str) -> dict[tuple[Any, str], ReceivedPoint]:
+    """The last exported point of ``metric`` per (pid, attributes): metrics are
+    cumulative, so each export repeats the totals so far."""
+    last: dict[tuple[Any, str], ReceivedPoint] = {}
+    for point in points:
+        if point.metric == metric:
+            last[(point.pid, repr(sorted(point.attributes.items())))] = point
+    return last
+
+
+def _metric_total(points: list[ReceivedPoint], metric: str, **match: Any) -> Counter[Any]:
+    """The final value of ``metric`` per pid, summed over the points whose attributes
+    include ``match``."""
+    totals: Counter[Any] = Counter()
+    for point in _last_points(points, metric).values():
+        if all(point.attributes.get(k) == v for k, v in match.items()):
+            totals[point.pid] += point.value
+    return totals
+
+
 @pytest.mark.parametrize("compression", ["none", "gzip"])
-def test_every_worker_process_exports_its_logs(
+def test_every_process_exports_logs_traces_and_metrics(
     tmp_path: Path, server: DevServer, receiver: OtlpReceiver, compression: str
 ) -> None:
     urls = _url_list(tmp_path, server)
     outdir = tmp_path / "out"
-    env = clean_env(
-        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-        OTEL_EXPORTER_OTLP_COMPRESSION=compression,
-        OTEL_BSP_SCHEDULE_DELAY="60000",
-        OTEL_BLRP_SCHEDULE_DELAY="60000",
-    )
+    env = _otel_env(receiver, OTEL_EXPORTER_OTLP_COMPRESSION=compression)
     started = time.monotonic()
     result = run_cli(
         "fetch",
@@ -282,13 +128,14 @@ def test_every_worker_process_exports_its_logs(
     # Every flush is synchronous and bounded: nothing may still be on its way.
     assert elapsed < 60, elapsed
 
-    logs = receiver.snapshot()
     assert not receiver.errors, receiver.errors
-    assert receiver.requests, "the receiver got no export at all"
-    assert {path for path, _ in receiver.requests} <= {"/v1/logs", "/v1/traces", "/v1/metrics"}
-    encodings = {encoding for path, encoding in receiver.requests if path == "/v1/logs"}
+    paths = {path for path, _, _ in receiver.requests}
+    assert paths == {"/v1/logs", "/v1/traces", "/v1/metrics"}, paths
+    encodings = {encoding for _, encoding, _ in receiver.requests}
     assert encodings == ({"gzip"} if compression == "gzip" else {None}), encodings
 
+    # -- logs --
+    logs = receiver.logs()
     # The parent (the CLI process itself) exported its own records.
     parent = [r for r in logs if r.role == "parent"]
     assert parent, "no log record from the parent process"
@@ -302,9 +149,8 @@ def test_every_worker_process_exports_its_logs(
     workers = [r for r in logs if r.role == "worker"]
     worker_pids = {r.pid for r in workers}
     assert all(isinstance(pid, int) and pid > 0 for pid in worker_pids), worker_pids
-    assert len(worker_pids) >= 2, worker_pids
+    assert len(worker_pids) == 2, worker_pids  # --processes 2, and no worker died
     assert parent_pid not in worker_pids
-    assert len(worker_pids) <= 2, worker_pids  # --processes 2, and no worker died
 
     # Every shard's last record ("shard finished") arrived: the flush at shard end worked.
     assert {r.shard for r in workers} == set(range(SHARDS))
@@ -315,7 +161,6 @@ def test_every_worker_process_exports_its_logs(
     for record in finished:
         assert record.severity == "INFO"
         assert record.resource.get("service.name") == "imgdl"
-        assert record.attributes.get("shard") == record.shard
         assert record.attributes.get("pid") == record.pid
         assert "saved" in str(record.attributes.get("counts")), record.attributes
     # ... and all of each shard's per-URL records came with it.
@@ -323,6 +168,172 @@ def test_every_worker_process_exports_its_logs(
     assert len(url_done) == URLS
     for shard in range(SHARDS):
         assert sum(1 for r in url_done if r.shard == shard) == SHARD_SIZE
+
+    # -- traces: a span per shard, a child span per URL --
+    spans = receiver.spans()
+    assert {s.pid for s in spans} == worker_pids
+    shard_spans = {s.span_id: s for s in spans if s.name == "shard"}
+    assert sorted(s.attributes["imgdl.shard.id"] for s in shard_spans.values()) == list(
+        range(SHARDS)
+    )
+    url_spans = [s for s in spans if s.name == "GET"]
+    assert len(url_spans) == URLS
+    lines = set()
+    for span in url_spans:
+        parent_span = shard_spans[span.parent_span_id]
+        assert span.trace_id == parent_span.trace_id
+        assert span.pid == parent_span.pid
+        assert span.kind == 3  # SPAN_KIND_CLIENT
+        attributes = span.attributes
+        assert attributes["http.request.method"] == "GET"
+        assert attributes["http.response.status_code"] == 200
+        assert attributes["url.full"].startswith(f"{server.url}/i/")
+        assert attributes["server.address"] == "127.0.0.1"
+        assert attributes["server.port"] == server.port
+        assert attributes["imgdl.outcome.status"] == "saved"
+        assert attributes["imgdl.bytes"] > 0
+        lines.add(attributes["imgdl.input.line"])
+    assert lines == set(range(1, URLS + 1))
+    for shard_span in shard_spans.values():
+        assert shard_span.attributes["imgdl.shard.urls"] == SHARD_SIZE
+        assert shard_span.attributes["imgdl.shard.outcomes.saved"] == SHARD_SIZE
+
+    # -- metrics: each worker's final, cumulative values --
+    points = receiver.points()
+    assert {p.pid for p in points} >= worker_pids
+    saved = _metric_total(points, "imgdl.outcomes", **{"imgdl.outcome.status": "saved"})
+    assert set(saved) == worker_pids and sum(saved.values()) == URLS, saved
+    saved_bytes = _metric_total(points, "imgdl.saved.bytes")
+    manifest_bytes = sum(r["bytes"] for r in read_manifest(outdir))
+    assert sum(saved_bytes.values()) == manifest_bytes
+    durations = _last_points(points, "http.client.request.duration").values()
+    assert {p.unit for p in durations} == {"s"}
+    assert sum(p.count for p in durations) == URLS
+    assert all(p.attributes["http.response.status_code"] == 200 for p in durations)
+    in_flight = _metric_total(points, "http.client.active_requests")
+    assert set(in_flight) == worker_pids and set(in_flight.values()) == {0}, in_flight
+
+
+def test_failed_urls_carry_their_reason_in_spans_and_metrics(
+    tmp_path: Path, server: DevServer, receiver: OtlpReceiver
+) -> None:
+    urls = write_list(
+        tmp_path / "urls.txt",
+        [f"{server.url}/status/404/{n}" for n in range(6)]
+        + [f"{server.url}/html/{n}" for n in range(4)],
+    )
+    result = run_cli(
+        "fetch",
+        str(urls),
+        "--processes",
+        "1",
+        "--tries",
+        "1",
+        "-o",
+        str(tmp_path / "out"),
+        env=_otel_env(receiver),
+    )
+    assert result.returncode == 1, result.stderr[-4000:]
+    url_spans = [s for s in receiver.spans() if s.name == "GET"]
+    reasons = Counter(s.attributes.get("error.type") for s in url_spans)
+    assert reasons == {"http_error": 6, "not_an_image": 4}, reasons
+    assert {s.status_code for s in url_spans} == {2}  # STATUS_CODE_ERROR
+    not_found = [s for s in url_spans if s.attributes.get("error.type") == "http_error"]
+    assert {s.attributes["http.response.status_code"] for s in not_found} == {404}
+    points = receiver.points()
+    failed = _metric_total(points, "imgdl.outcomes", **{"imgdl.outcome.status": "failed"})
+    assert sum(failed.values()) == 10
+    by_reason = _metric_total(points, "imgdl.outcomes", **{"imgdl.outcome.reason": "not_an_image"})
+    assert sum(by_reason.values()) == 4
+
+
+def test_standard_variables_name_the_service_and_reach_the_collector(
+    tmp_path: Path, server: DevServer, receiver: OtlpReceiver
+) -> None:
+    urls = write_list(tmp_path / "urls.txt", [f"{server.url}/i/{n}.jpg" for n in range(10)])
+    env = _otel_env(
+        receiver,
+        OTEL_SERVICE_NAME="catalogue-mirror",
+        OTEL_RESOURCE_ATTRIBUTES="deployment.environment=test,team=images",
+        OTEL_EXPORTER_OTLP_HEADERS="x-api-key=sesame",
+        OTEL_METRICS_EXPORTER="none",
+        JOB_COMPLETION_INDEX="3",
+    )
+    result = run_cli("fetch", str(urls), "--processes", "1", "-o", str(tmp_path / "out"), env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert receiver.logs() and receiver.spans()
+    assert not receiver.points(), "OTEL_METRICS_EXPORTER=none still exported metrics"
+    assert "/v1/metrics" not in {path for path, _, _ in receiver.requests}
+    for item in [*receiver.logs(), *receiver.spans()]:
+        assert item.resource["service.name"] == "catalogue-mirror"
+        assert item.resource["deployment.environment"] == "test"
+        assert item.resource["team"] == "images"
+        assert item.resource["imgdl.task.index"] == 3
+    assert {headers.get("x-api-key") for _, _, headers in receiver.requests} == {"sesame"}
+
+
+def test_sdk_disabled_sends_nothing(
+    tmp_path: Path, server: DevServer, receiver: OtlpReceiver
+) -> None:
+    urls = write_list(tmp_path / "urls.txt", [f"{server.url}/i/{n}.jpg" for n in range(10)])
+    env = _otel_env(receiver, OTEL_SDK_DISABLED="true")
+    result = run_cli("fetch", str(urls), "--processes", "1", "-o", str(tmp_path / "out"), env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert read_summary(tmp_path / "out")["saved"] == 10
+    assert receiver.requests == []
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_still_flushes_every_worker(
+    tmp_path: Path, server: DevServer, receiver: OtlpReceiver
+) -> None:
+    urls = write_list(tmp_path / "urls.txt", [f"{server.url}/slow/200/{n}" for n in range(400)])
+    outdir = tmp_path / "out"
+    proc = start_cli(
+        "fetch",
+        str(urls),
+        "--processes",
+        "2",
+        "--concurrency",
+        "4",
+        "--shard-size",
+        "20",
+        "-o",
+        str(outdir),
+        env=_otel_env(receiver, IMGDL_RUN_GRACE_PERIOD="5"),
+    )
+    try:
+        # both workers busy: some of their URL spans are out (each shard end flushes)
+        wait_for(lambda: len({s.pid for s in receiver.spans()}) == 2, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr.decode(errors="replace")[-3000:]
+    records = read_manifest(outdir)
+    # stopped mid-way: the lines not read yet are left for the next run, each line
+    # read has one record
+    assert 0 < len(records) < 400
+    assert len({r["line"] for r in records}) == len(records)
+    assert not receiver.errors, receiver.errors
+
+    logs = receiver.logs()
+    worker_pids = {r.pid for r in logs if r.role == "worker"}
+    assert len(worker_pids) == 2, worker_pids
+    assert {r.pid for r in logs if r.role == "parent"} == {proc.pid}
+    assert "signal received: finishing downloads in flight" in {r.body for r in logs}
+    # every worker's signals up to its last URL were flushed: the outcome counters
+    # add up to what the workers journaled (the manifest minus what the parent recorded)
+    points = receiver.points()
+    worker_outcomes = _metric_total(points, "imgdl.outcomes")
+    assert set(worker_outcomes) == worker_pids
+    url_spans = [s for s in receiver.spans() if s.name == "GET"]
+    assert {s.pid for s in url_spans} == worker_pids
+    assert sum(worker_outcomes.values()) == len(url_spans)
+    saved = sum(1 for r in records if r["status"] == "saved")
+    assert sum(1 for s in url_spans if s.attributes["imgdl.outcome.status"] == "saved") == saved
+    assert os.getpid() not in worker_pids
 
 
 @pytest.mark.slow
