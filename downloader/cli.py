@@ -110,6 +110,13 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
         click.Choice(["auto", "json", "console"]),
         "Log format [default: auto: console on a terminal, JSON otherwise].",
     ),
+    (
+        "--progress",
+        "log.progress",
+        "switch",
+        "Show progress: a bar on a terminal, else a 'progress' log line every "
+        "log.progress_interval seconds [default: on].",
+    ),
 ]
 
 
@@ -117,7 +124,11 @@ def _setting_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add every override flag and ``--config`` to a command."""
     for flag, key, type_, help_ in reversed(_OVERRIDES):
         names = [flag, "-o"] if flag == "--output" else [flag]
-        kind: dict[str, Any] = {"is_flag": True} if type_ == "flag" else {"type": type_}
+        if type_ == "switch":
+            names = [f"{flag}/--no-{flag[2:]}"]
+        kind: dict[str, Any] = {"type": type_} if type_ not in ("flag", "switch") else {}
+        if type_ == "flag":
+            kind["is_flag"] = True
         option = click.option(*names, key.replace(".", "__"), default=None, help=help_, **kind)
         func = option(func)
     func = click.option(
@@ -164,8 +175,16 @@ def cli() -> None:
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("inputs", nargs=-1, required=True)
 @_setting_options
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="No summary at the end; unless --progress or --log-level say otherwise, also no "
+    "progress and only warnings and errors. The exit code and OUTDIR/summary.json tell "
+    "the outcome.",
+)
 @_user_errors
-def fetch(inputs: tuple[str, ...], config_file: Path | None, **params: Any) -> None:
+def fetch(inputs: tuple[str, ...], config_file: Path | None, quiet: bool, **params: Any) -> None:
     """Download every URL of INPUTS (txt, csv, tsv, jsonl, optionally .gz; '-' is stdin).
 
     Writes the images to OUTDIR, and OUTDIR/manifest.jsonl (one record per
@@ -176,13 +195,18 @@ def fetch(inputs: tuple[str, ...], config_file: Path | None, **params: Any) -> N
     from downloader.sources import open_inputs
     from downloader.telemetry import Telemetry, configure_logging
 
+    if quiet and params["log__progress"] is None:  # an explicit --progress keeps its lines
+        params["log__progress"] = False
+        if params["log__level"] is None:
+            params["log__level"] = "warning"
     effective = _effective(config_file, params)
     settings = effective.settings
     configure_logging(settings.log.level, settings.log.format)
     opened = open_inputs(inputs, settings.input)
     with Telemetry("parent"):
         exit_code, summary = Runner(settings, opened).run()
-    click.echo(summary_text(summary, settings.output.dir), err=True)
+    if not quiet:
+        click.echo(summary_text(summary, settings.output.dir), err=True)
     sys.exit(exit_code)
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -135,8 +135,16 @@ class RunReport:
         self.saved_now = 0
         self.recorded = 0
         self.duplicates: Duplicates | None = None
+        #: told of each outcome the parent makes itself (the workers report theirs)
+        self.on_own_outcome: Callable[[Outcome], None] | None = None
 
     def record(self, outcome: Outcome, text: str | None = None) -> None:
+        """Record an outcome that the parent made (an invalid line, a duplicate...)."""
+        if self.on_own_outcome is not None:
+            self.on_own_outcome(outcome)
+        self._append(outcome, text)
+
+    def _append(self, outcome: Outcome, text: str | None = None) -> None:
         self.state.append(outcome, text)
         self.recorded += 1
         self.this_run[str(outcome.reason or outcome.status)] += 1
@@ -157,7 +165,9 @@ class RunReport:
             if found is None:
                 outcome = Outcome.not_saved(job, missing, error=error)
                 found = (outcome, outcome.to_json())
-            self.record(*found)
+                self.record(*found)
+            else:
+                self._append(*found)
             finished.append(found)
         if self.duplicates is not None:
             self.duplicates.finished(finished)

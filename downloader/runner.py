@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import secrets
 import signal
+import sys
 import time
 import types
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from downloader.dedupe import Duplicates
 from downloader.errors import ImgdlError
 from downloader.limits import SharedLimits
 from downloader.outcomes import Job, Outcome, Reason
+from downloader.progress import Progress, SharedCounters, count_lines
 from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport
 from downloader.settings import Settings
 from downloader.sharding import Shard, Tick
@@ -121,6 +123,7 @@ class Runner:
         self._mp = multiprocessing.get_context("spawn")
         self._stop = self._mp.Event()
         self._limits = SharedLimits.create(self._mp)
+        self._counters = SharedCounters(self._mp)
         self._signal_exit: int | None = None
         self._reader_errors: list[str] = []
         #: failed jobs waiting for their next try: (due, sequence, job), earliest first
@@ -210,6 +213,7 @@ class Runner:
             self.inputs, buffered=2 * self.settings.run.shard_size, poll=POLL_SECONDS
         )
         lines = _Lines(reader, done, report.duplicates, self.state.validators)
+        progress = self._start_progress(report, lines)
         log.info(
             "run started",
             inputs=[i.label for i in self.inputs],
@@ -249,6 +253,8 @@ class Runner:
                 "free the space and run the same command again to finish"
             ) from None
         finally:
+            if progress is not None:
+                progress.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             for item in self.inputs:
@@ -267,6 +273,20 @@ class Runner:
             log.error("fewer records than lines read", records=summary["lines"], lines=lines.count)
         return summary["exit_code"], summary
 
+    def _start_progress(self, report: RunReport, lines: _Lines) -> Progress | None:
+        if not self.settings.log.progress:
+            return None
+        paths = [item.path for item in self.inputs]
+        progress = Progress(
+            self._counters,
+            terminal=sys.stderr.isatty(),
+            interval=self.settings.log.progress_interval,
+            lines=lambda: (lines.carried, lines.count if lines.exhausted else None),
+            estimate=functools.partial(count_lines, paths),
+        )
+        report.on_own_outcome = progress.record
+        return progress.start()
+
     def _new_pool(self) -> ProcessPoolExecutor:
         context = WorkerContext(
             settings=self.settings,
@@ -275,6 +295,7 @@ class Runner:
             limits=self._limits,
             parent_pid=os.getpid(),
             probe_existing=self._probe_existing,
+            progress=self._counters,
         )
         return ProcessPoolExecutor(
             max_workers=self.settings.processes,

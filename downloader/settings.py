@@ -149,6 +149,8 @@ class ValidateSettings(_Section):
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    progress: bool = True
+    progress_interval: float = Field(10.0, gt=0)
 
 
 class Settings(_Section):

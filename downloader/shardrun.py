@@ -22,7 +22,8 @@ import aiohttp
 from downloader.fetch import Fetcher, RetryLater
 from downloader.limits import Limiter
 from downloader.netpolicy import NetworkPolicy
-from downloader.outcomes import Job, Outcome, Reason
+from downloader.outcomes import Job, Outcome, Reason, Status
+from downloader.progress import FEED_SECONDS, Feed
 from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.storage import Store
@@ -59,6 +60,7 @@ class Journal:
             self._file.write("\n")
         self.done: set[tuple[str, int]] = set()
         self.counts: Counter[str] = Counter()
+        self.saved_bytes = 0
 
     def write(self, outcome: Outcome) -> None:
         key = (outcome.input, outcome.line)
@@ -71,6 +73,8 @@ class Journal:
             raise JournalError(f"cannot write the shard journal: {exc}") from exc
         self.done.add(key)
         self.counts[str(outcome.reason or outcome.status)] += 1
+        if outcome.status is Status.SAVED:
+            self.saved_bytes += outcome.bytes
 
     def close(self) -> None:
         self._file.close()
@@ -105,6 +109,7 @@ class ShardRun:
         self.deferred: list[tuple[Job, float]] = []
         self.log = get_logger(shard=shard.shard_id, attempt=shard.attempt, pid=os.getpid())
         self.telemetry = process_telemetry("worker")
+        self.feed = Feed(context.progress)
         self.span: Any = None
 
     async def run(self) -> ShardResult:
@@ -114,11 +119,12 @@ class ShardRun:
             self.shard.shard_id, self.shard.attempt, len(self.shard.jobs)
         )
         try:
-            self.log.info("shard started", urls=len(self.shard.jobs))
+            self.log.debug("shard started", urls=len(self.shard.jobs))
             await self._run(journal)
-            self.log.info("shard finished", counts=dict(journal.counts))
+            self.log.debug("shard finished", counts=dict(journal.counts))
         finally:
             journal.close()
+            self.feed.push(journal.counts, journal.saved_bytes)
             self.telemetry.end_shard(self.span, journal.counts)
             # Each shard's signals leave before its result does: a worker may be
             # killed, or leave without exit hooks, at any time after this.
@@ -152,7 +158,7 @@ class ShardRun:
             policy,
             defer_from=DEFER_RETRIES_FROM,
         )
-        watcher = asyncio.create_task(self._watch_stop())
+        watcher = asyncio.create_task(self._watch_stop(journal))
         producer = asyncio.create_task(self._produce(queue, consumers_n, journal))
         consumers = [
             asyncio.create_task(self._consume(queue, fetcher, journal)) for _ in range(consumers_n)
@@ -181,13 +187,18 @@ class ShardRun:
             if key not in journal.done and key not in later:
                 journal.write(Outcome.not_saved(job, reason, error="no outcome recorded"))
 
-    async def _watch_stop(self) -> None:
-        """Stop when the parent says so, or when the parent is gone (killed with SIGKILL)."""
+    async def _watch_stop(self, journal: Journal) -> None:
+        """Stop when the parent says so, or when the parent is gone (killed with SIGKILL);
+        meanwhile, feed the parent's progress display."""
+        fed = time.monotonic()
         while not self.context.stop.is_set():
             if os.getppid() != self.context.parent_pid:
                 self.log.warning("parent process is gone; stopping")
                 break
             await asyncio.sleep(STOP_POLL_SECONDS)
+            if time.monotonic() - fed >= FEED_SECONDS:
+                self.feed.push(journal.counts, journal.saved_bytes)
+                fed = time.monotonic()
         self.log.info("stop requested; finishing downloads in flight")
         self.stopping.set()
 

@@ -106,7 +106,8 @@ class _Prefixed(io.RawIOBase):
         super().close()
 
 
-def _open_binary(path: str) -> IO[bytes]:
+def open_binary(path: str) -> IO[bytes]:
+    """The bytes of an input list, gzip undone when the first bytes say so."""
     if path == STDIN:
         # Our own unbuffered handle on fd 0, not sys.stdin.buffer: a reader thread
         # blocked in it at exit must not hold the lock of a standard stream, which
@@ -189,7 +190,7 @@ class InputList:
         self.path = path
         self.label = path
         self.settings = settings
-        self._stream = _open_binary(path)
+        self._stream = open_binary(path)
         self._lines = _lines(self._stream, path)
         first = self._first_meaningful()
         self.format = _format_of(path, first.text if first else None, settings)

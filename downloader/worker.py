@@ -24,6 +24,7 @@ from pathlib import Path
 
 from downloader.limits import SharedLimits
 from downloader.outcomes import Job
+from downloader.progress import SharedCounters
 from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.telemetry import configure_logging
@@ -41,6 +42,8 @@ class WorkerContext:
     parent_pid: int
     #: False only when no file can stand at a final name (see Store)
     probe_existing: bool = True
+    #: where the shards add their counts for the parent's progress display
+    progress: SharedCounters | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

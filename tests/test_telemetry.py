@@ -159,7 +159,7 @@ def test_every_process_exports_logs_traces_and_metrics(
     started_ = [r for r in workers if r.body == "shard started"]
     assert sorted(r.shard for r in started_) == list(range(SHARDS))
     for record in finished:
-        assert record.severity == "INFO"
+        assert record.severity == "DEBUG"
         assert record.resource.get("service.name") == "imgdl"
         assert record.attributes.get("pid") == record.pid
         assert "saved" in str(record.attributes.get("counts")), record.attributes
@@ -298,6 +298,8 @@ def test_sigterm_mid_run_still_flushes_every_worker(
         "4",
         "--shard-size",
         "20",
+        "--log-level",
+        "debug",
         "-o",
         str(outdir),
         env=_otel_env(receiver, IMGDL_RUN_GRACE_PERIOD="5"),
