@@ -696,9 +696,15 @@ def _timeline_section(figures: RunFigures) -> str:
         f"images/s; {_num(saved_timed / active if active else 0)} images/s over the bars "
         "that had any outcome."
     )
-    if figures.no_time:
-        note += f" {figures.no_time:,} records have no finished_at (older versions): not shown."
-    body = _chart_or_none(columns, chart + _legend(series) + f'<p class="note">{note}</p>')
+    untimed = (
+        f" Records without finished_at (written by a version before it): {figures.no_time:,}."
+        if figures.no_time
+        else ""
+    )
+    if columns:
+        body = chart + _legend(series) + f'<p class="note">{note}{untimed}</p>'
+    else:
+        body = f'<p class="none">No data.{untimed}</p>'
     return f'<section id="timeline"><h2>Throughput over time</h2>{body}</section>'
 
 
@@ -716,9 +722,9 @@ def _histograms_section(figures: RunFigures) -> str:
     note = ""
     if figures.no_dimensions:
         note = (
-            f'<p class="note">{figures.no_dimensions:,} saved images have no known dimensions '
-            "(AVIF, HEIC, SVG, a header beyond the first bytes, or a record of an older "
-            "version): not in the dimension charts.</p>"
+            '<p class="note">Saved images without known dimensions, not in the dimension '
+            "charts (AVIF, HEIC, SVG, a header beyond the bytes held in memory, or records "
+            f"of a version before width and height): {figures.no_dimensions:,}.</p>"
         )
     return (
         '<section id="histograms"><h2>Sizes and dimensions of the saved images</h2>'

@@ -386,3 +386,20 @@ def test_report_renders_in_headless_chromium(
 
 def test_a_report_that_cannot_be_written_does_not_fail_the_fetch(tmp_path: Path) -> None:
     assert report_after_fetch(tmp_path / "none").startswith("imgdl: no report: no manifest in ")
+
+
+def test_an_empty_manifest_and_old_records_still_give_a_page(tmp_path: Path) -> None:
+    """Records of the version before width/height/finished_at: counted, not charted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.jsonl").write_text("")
+    assert Page(write_report(out).read_text(encoding="utf-8")).totals["lines"] == 0
+    old = {"input": "u.txt", "line": 1, "url": "http://a.example/1.jpg", "status": "saved"}
+    (out / "manifest.jsonl").write_text(json.dumps({**old, "bytes": 5000}) + "\n")
+    page = Page(write_report(out).read_text(encoding="utf-8"))
+    assert page.totals["saved"] == 1 and page.totals["bytes"] == 5000
+    assert page.counts("sizes") == {"4 KiB": 1}
+    assert "widths" not in page.charts and "timeline" not in page.charts
+    shown = "".join(page.text)
+    assert "without known dimensions, not in the dimension charts" in shown
+    assert "No data. Records without finished_at (written by a version before it): 1." in shown
