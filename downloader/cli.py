@@ -183,6 +183,7 @@ def cli() -> None:
     "progress and only warnings and errors. The exit code and OUTDIR/summary.json tell "
     "the outcome.",
 )
+@click.option("--report", "html_report", is_flag=True, help="Also write OUTDIR/report.html.")
 @_user_errors
 def fetch(inputs: tuple[str, ...], config_file: Path | None, quiet: bool, **params: Any) -> None:
     """Download every URL of INPUTS (txt, csv, tsv, jsonl, optionally .gz; '-' is stdin).
@@ -190,6 +191,10 @@ def fetch(inputs: tuple[str, ...], config_file: Path | None, quiet: bool, **para
     Writes the images to OUTDIR, and OUTDIR/manifest.jsonl (one record per
     input line), OUTDIR/failures.txt (failed URLs, re-feedable as input) and
     OUTDIR/summary.json.
+
+    \b
+    Example:
+      imgdl fetch urls.txt -o out/ --report     # also writes out/report.html
     """
     from downloader.runner import Runner
     from downloader.sources import open_inputs
@@ -207,7 +212,40 @@ def fetch(inputs: tuple[str, ...], config_file: Path | None, quiet: bool, **para
         exit_code, summary = Runner(settings, opened).run()
     if not quiet:
         click.echo(summary_text(summary, settings.output.dir), err=True)
+    if params["html_report"]:  # not a setting: _effective passes over it
+        from downloader.htmlreport import report_after_fetch
+
+        written = report_after_fetch(settings.output.dir)
+        if not quiet:
+            click.echo(written, err=True)
     sys.exit(exit_code)
+
+
+@cli.command("report", short_help="Write OUTDIR/report.html: the run's numbers as charts.")
+@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the page [default: OUTDIR/report.html].",
+)
+@_user_errors
+def report_command(outdir: Path, output: Path | None) -> None:
+    """Write an HTML report of the run in OUTDIR, from OUTDIR/manifest.jsonl.
+
+    One self-contained page (inline SVG charts, no scripts, nothing loaded from
+    the network): totals, failure reasons, the hosts that failed most,
+    throughput over time, histograms of file sizes and dimensions.
+
+    \b
+    Examples:
+      imgdl report out/                    # writes out/report.html
+      imgdl report out/ -o /tmp/run.html
+    """
+    from downloader.htmlreport import write_report
+
+    click.echo(f"imgdl: report {write_report(outdir, output)}", err=True)
 
 
 @cli.group()

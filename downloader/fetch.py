@@ -23,6 +23,7 @@ from yarl import URL
 
 from downloader.body import CHUNK_BYTES, Body, BodyError
 from downloader.errors import UnsafeNameError
+from downloader.imagesize import image_size
 from downloader.limits import Limiter
 from downloader.manners import opted_out
 from downloader.netpolicy import BlockedAddressError, NetworkPolicy
@@ -322,6 +323,7 @@ class Fetcher:
             size = 0
             held: list[bytes] = []
             image: ImageType | None = None
+            dimensions: tuple[int, int] | None = None
             async for chunk in body.chunks():
                 size += len(chunk)
                 if size > self.max_bytes:
@@ -339,8 +341,10 @@ class Fetcher:
                         continue
                     image = self._sniffed(head, resp, status)
                 if size > self.spool_bytes:
+                    first = b"".join(held)
+                    dimensions = image_size(image.name, first)  # from the bytes in hand
                     part = await self.store.open_part(stem)
-                    await part.write(b"".join(held))
+                    await part.write(first)
                     held = []
             if declared is not None and body.raw_bytes < declared:
                 raise _Failed(Reason.TRUNCATED, f"got {body.raw_bytes} of {declared} bytes", status)
@@ -348,6 +352,7 @@ class Fetcher:
                 whole = b"".join(held)
                 if image is None:  # the whole body was shorter than the sniff needs
                     image = self._sniffed(whole, resp, status)
+                dimensions = image_size(image.name, whole)
                 part = self.store.write_part(stem, whole)
             assert image is not None
             if self.validate.decode:
@@ -383,6 +388,8 @@ class Fetcher:
             bytes=size,
             sha256=digest.hexdigest(),
             content_type=image.mime,
+            width=dimensions[0] if dimensions else None,
+            height=dimensions[1] if dimensions else None,
             etag=resp.headers.get("ETag"),
             last_modified=resp.headers.get("Last-Modified"),
         )

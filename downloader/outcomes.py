@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import time
 from typing import Any
 
 import orjson
@@ -117,15 +118,23 @@ class Outcome:
     etag: str | None = None
     last_modified: str | None = None
     final_url: str | None = None
+    #: Pixels, read from the image's header (imagesize.py); None when not known.
+    width: int | None = None
+    height: int | None = None
+    #: When the line's outcome was decided: Unix time in seconds (UTC), to the
+    #: millisecond. None in records of versions before it (and in hand-made ones).
+    finished_at: float | None = None
 
     @classmethod
     def saved(cls, job: Job, **fields: Any) -> Outcome:
+        fields.setdefault("finished_at", now())
         return cls(input=job.input, line=job.line, url=job.url, status=Status.SAVED, **fields)
 
     @classmethod
     def not_saved(cls, job: Job, reason: Reason, **fields: Any) -> Outcome:
         """``attempts`` defaults to the tries the job had before this shard."""
         fields.setdefault("attempts", job.tries)
+        fields.setdefault("finished_at", now())
         return cls(
             input=job.input,
             line=job.line,
@@ -168,6 +177,11 @@ class Outcome:
             return orjson.loads(line)
         except orjson.JSONDecodeError:  # orjson refuses the lone surrogates to_json escapes
             return json.loads(line)
+
+
+def now() -> float:
+    """``finished_at`` for an outcome decided now: Unix seconds, to the millisecond."""
+    return round(time.time(), 3)
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Outcome))

@@ -94,7 +94,7 @@ def read_summary(outdir: Path) -> dict[str, Any]:
 
 def image_files(outdir: Path) -> list[Path]:
     """Files under OUTDIR that are downloads (not the run's own records)."""
-    own = {"manifest.jsonl", "failures.txt", "summary.json"}
+    own = {"manifest.jsonl", "failures.txt", "summary.json", "report.html"}
     return sorted(
         p
         for p in outdir.rglob("*")

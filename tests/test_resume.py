@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import signal
 import time
@@ -145,6 +146,31 @@ def test_a_changed_list_starts_a_new_manifest(server: DevServer, tmp_path: Path)
     assert sorted(r["url"].rsplit("/", 1)[1] for r in records) == ["100.jpg", "101.jpg", "102.jpg"]
     (archive,) = (out / "previous-runs").iterdir()
     assert len(read_manifest(archive)) == 5
+
+
+def test_a_manifest_of_the_version_before_sizes_and_times_resumes(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """Records without width, height and finished_at (written before they were added)
+    still mark their lines done; they gain the new columns as null, the rest as data."""
+    urls = [f"{server.url}/i/{n}.jpg" for n in range(4)] + [f"{server.url}/status/404/1"]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 1
+    new_keys = ("width", "height", "finished_at")
+    before = read_manifest(out)
+    assert all(r["finished_at"] is not None for r in before)
+    old = [{k: v for k, v in r.items() if k not in new_keys} for r in before]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    requests = len(server.requests)
+    again = run_cli("fetch", str(listing), "-o", str(out))
+    assert again.returncode == 1, again.stderr
+    assert [p for _, _, p in server.requests[requests:]] == ["/status/404/1"]  # only the failure
+    after = {r["line"]: r for r in read_manifest(out)}
+    assert all(r.keys() == before[0].keys() for r in after.values())
+    assert [after[n]["width"] for n in range(1, 5)] == [None] * 4
+    assert [after[n]["finished_at"] for n in range(1, 5)] == [None] * 4
+    assert after[5]["finished_at"] is not None  # fetched again by this version
 
 
 def test_deleted_image_is_fetched_again(server: DevServer, tmp_path: Path) -> None:
