@@ -4,11 +4,22 @@ against the modules they describe."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
-from downloader.outcomes import REFETCHABLE, Reason
+from downloader.outcomes import REFETCHABLE, Outcome, Reason, Status
+from downloader.report import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_USAGE,
+    RunReport,
+)
 from downloader.retry import DEFAULT_STATUSES, RETRYABLE_REASONS
+from downloader.state import RunState
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -72,3 +83,102 @@ def test_each_entry_is_in_the_contents_line() -> None:
     text = TROUBLESHOOTING.read_text(encoding="utf-8")
     for reason in Reason:
         assert f"[`{reason.value}`](#{reason.value})" in text, reason.value
+
+
+# -- operations.md ---------------------------------------------------------------------
+
+OPERATIONS = DOCS / "operations.md"
+_ROW = re.compile(r"^\|\s*(`[^|]+`)\s*\|\s*([^|]+?)\s*\|")
+
+
+def _table(section: str) -> dict[str, str]:
+    """First two columns of the table under the ``## section`` heading of operations.md,
+    keyed by each backticked name of the first column."""
+    heading = re.compile(r"^##\s+(.+?)\s*$")
+    body = _sections(OPERATIONS.read_text(encoding="utf-8"), heading)[section]
+    rows: dict[str, str] = {}
+    for line in body:
+        match = _ROW.match(line)
+        if match:
+            for name in re.findall(r"`([^`]+)`", match.group(1)):
+                rows[name] = match.group(2)
+    return rows
+
+
+def _doc_type(annotation: object) -> str:
+    names: dict[object, str] = {
+        str: "string",
+        int: "integer",
+        float: "number",
+        Status: "string",
+        Reason: "string",
+    }
+    args = typing.get_args(annotation)
+    if args:  # X | None
+        (inner,) = [a for a in args if a is not type(None)]
+        return f"{names[inner]} or null"
+    return names[annotation]
+
+
+def test_manifest_schema_table_has_every_outcome_field_with_its_type() -> None:
+    documented = _table("Manifest schema")
+    hints = typing.get_type_hints(Outcome)
+    fields = [f.name for f in dataclasses.fields(Outcome)]
+    assert [f for f in fields if f not in documented] == [], "Outcome fields not documented"
+    assert [d for d in documented if d not in fields] == [], "documented fields Outcome lacks"
+    assert list(documented) == fields, "keep the table in the manifest's column order"
+    for name in fields:
+        assert documented[name] == _doc_type(hints[name]), name
+
+
+def test_summary_table_has_every_key_a_run_writes(tmp_path: Path) -> None:
+    state = RunState(tmp_path / "out")
+    state.open(["-"])
+    summary = RunReport(state).finish(None, 0, 0, True, [])
+    state.unlock()
+    keys = {k for k in summary if k != "this_run"} | {f"this_run.{k}" for k in summary["this_run"]}
+    keys.add("archived")  # previous-runs/*/summary.json only
+    assert set(_table("summary.json")) == keys
+
+
+def test_exit_code_table_matches_the_code() -> None:
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", OPERATIONS.read_text(), re.M)}
+    assert documented == {EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM}
+
+
+def test_every_metric_and_span_name_is_documented() -> None:
+    source = (REPO / "downloader" / "telemetry.py").read_text(encoding="utf-8")
+    names = re.findall(r"create_(?:counter|histogram|up_down_counter)\(\s*\"([^\"]+)\"", source)
+    spans = re.findall(r"start_span\(\s*\"([^\"]+)\"", source)
+    assert len(names) == 4 and spans == ["shard", "GET"]
+    text = OPERATIONS.read_text(encoding="utf-8")
+    for name in [*names, *spans]:
+        assert f"`{name}`" in text, name
+
+
+# -- every document ----------------------------------------------------------------------
+
+
+def test_relative_links_lead_to_files_and_headings_that_exist() -> None:
+    pages = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s) and mailto: not checked here
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.is_file(), f"{page.name}: {target}"
+            if anchor and linked.suffix == ".md":
+                assert anchor in _anchors(linked), f"{page.name}: {target}"
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    found = set()
+    for line in page.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^#+\s+(.+?)\s*$", line)
+        if match:
+            slug = re.sub(r"[^\w\- ]", "", match.group(1).lower()).replace(" ", "-")
+            found.add(slug)
+    return found
