@@ -60,6 +60,21 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ),
     ("--shard-size", "run.shard_size", click.IntRange(1), "URLs per shard [default: 1000]."),
     (
+        "--shard-index",
+        "run.shard_index",
+        click.IntRange(0),
+        "This task's index (0..N-1) when N tasks split the list; records go to "
+        "OUTDIR/tasks/task-I-of-N/ [default: from JOB_COMPLETION_INDEX, "
+        "AWS_BATCH_JOB_ARRAY_INDEX or CLOUD_RUN_TASK_INDEX].",
+    ),
+    (
+        "--shard-count",
+        "run.shard_count",
+        click.IntRange(1),
+        "The number of tasks N splitting the list [default: CLOUD_RUN_TASK_COUNT, "
+        "AWS_BATCH_JOB_ARRAY_SIZE].",
+    ),
+    (
         "--input-format",
         "input.format",
         click.Choice(["auto", "txt", "csv", "tsv", "jsonl"]),
@@ -196,6 +211,7 @@ def fetch(inputs: tuple[str, ...], config_file: Path | None, quiet: bool, **para
     Example:
       imgdl fetch urls.txt -o out/ --report     # also writes out/report.html
     """
+    from downloader import tasks
     from downloader.runner import Runner
     from downloader.sources import open_inputs
     from downloader.telemetry import Telemetry, configure_logging
@@ -207,15 +223,18 @@ def fetch(inputs: tuple[str, ...], config_file: Path | None, quiet: bool, **para
     effective = _effective(config_file, params)
     settings = effective.settings
     configure_logging(settings.log.level, settings.log.format)
+    task = tasks.resolve(settings)
     opened = open_inputs(inputs, settings.input)
+    runner = Runner(settings, opened, task)
     with Telemetry("parent"):
-        exit_code, summary = Runner(settings, opened).run()
+        exit_code, summary = runner.run()
+    records = settings.output.dir / runner.records_dir.relative_to(runner.outdir)
     if not quiet:
-        click.echo(summary_text(summary, settings.output.dir), err=True)
+        click.echo(summary_text(summary, records), err=True)
     if params["html_report"]:  # not a setting: _effective passes over it
         from downloader.htmlreport import report_after_fetch
 
-        written = report_after_fetch(settings.output.dir)
+        written = report_after_fetch(records)
         if not quiet:
             click.echo(written, err=True)
     sys.exit(exit_code)
@@ -246,6 +265,32 @@ def report_command(outdir: Path, output: Path | None) -> None:
     from downloader.htmlreport import write_report
 
     click.echo(f"imgdl: report {write_report(outdir, output)}", err=True)
+
+
+@cli.command()
+@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@_user_errors
+def merge(outdir: Path) -> None:
+    """Join the records of the tasks of a split job into OUTDIR's manifest, failures
+    and summary.
+
+    Each of N tasks (--shard-index/--shard-count, or an orchestrator's index
+    variable) keeps its records in OUTDIR/tasks/task-I-of-N/. Exit 0 when every
+    task finished and no line failed; 1 when some failed or a task is missing
+    or unfinished (the message names it).
+
+    \b
+    Examples:
+      imgdl fetch urls.txt -o out --shard-index 0 --shard-count 2
+      imgdl fetch urls.txt -o out --shard-index 1 --shard-count 2
+      imgdl merge out        # out/manifest.jsonl, failures.txt, summary.json
+    """
+    from downloader.merge import merge as merge_tasks
+    from downloader.merge import merge_text
+
+    summary = merge_tasks(outdir)
+    click.echo(merge_text(summary, outdir), err=True)
+    sys.exit(summary["exit_code"])
 
 
 @cli.group()

@@ -54,6 +54,8 @@ class RunSettings(_Section):
     shard_linger: float = Field(2.0, gt=0)
     revalidate: bool = False
     grace_period: float = Field(20.0, ge=0)
+    shard_index: int | None = Field(None, ge=0)
+    shard_count: int | None = Field(None, ge=1, le=100_000)
 
 
 class HttpSettings(_Section):

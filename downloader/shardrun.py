@@ -152,6 +152,7 @@ class ShardRun:
                 self.settings.output.name_template,
                 # a retried shard may find files its killed attempt put in place
                 probe=self.context.probe_existing or self.shard.attempt > 1,
+                parts=self.context.parts_dir,
             ),
             self.settings,
             limiter if limiter.limits_anything else None,
