@@ -226,7 +226,7 @@ def fetch(inputs: tuple[str, ...], config_file: Path | None, quiet: bool, **para
     task = tasks.resolve(settings)
     opened = open_inputs(inputs, settings.input)
     runner = Runner(settings, opened, task)
-    with Telemetry("parent"):
+    with Telemetry("parent", task.index if task else None):
         exit_code, summary = runner.run()
     records = settings.output.dir / runner.records_dir.relative_to(runner.outdir)
     if not quiet:

@@ -323,6 +323,7 @@ class Runner:
             probe_existing=self._probe_existing,
             progress=self._counters,
             parts_dir=self.state.parts_dir,
+            task_index=self.task.index if self.task else None,
         )
         return ProcessPoolExecutor(
             max_workers=self.settings.processes,

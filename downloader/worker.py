@@ -46,6 +46,8 @@ class WorkerContext:
     progress: SharedCounters | None = None
     #: where bodies are written before they are complete (the run's state folder)
     parts_dir: Path | None = None
+    #: this task's index when the job is split (for telemetry's resource)
+    task_index: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
