@@ -308,7 +308,7 @@ class Runner:
             terminal=sys.stderr.isatty(),
             interval=self.settings.log.progress_interval,
             lines=lambda: (lines.carried, lines.count if lines.exhausted else None),
-            estimate=functools.partial(count_lines, paths),
+            estimate=functools.partial(count_lines, paths, self.task.count if self.task else 1),
         )
         report.on_own_outcome = progress.record
         return progress.start()
