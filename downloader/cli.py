@@ -295,7 +295,7 @@ def merge(outdir: Path) -> None:
 
 @cli.group()
 def config() -> None:
-    """Inspect the settings."""
+    """Inspect and check the settings."""
 
 
 @config.command("show")
@@ -314,6 +314,35 @@ def config_show(config_file: Path | None, **params: Any) -> None:
         if value is None and key in resolved:
             source = f"{source}: {resolved[key]}"
         click.echo(f"{key:<{width}}  {shown:<40}  # {source}")
+
+
+@config.command(
+    "validate",
+    epilog="""\b
+Exit codes:
+  0    the file is valid (one line: FILE: OK)
+  2    it has problems, or cannot be read
+""",
+)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def config_validate(file: Path) -> None:
+    """Check a YAML config file and list every problem in it.
+
+    Each problem is one line, FILE:LINE: KEY: what is wrong (and how to fix it),
+    in the order of the file: unknown keys and sections (with the likely key),
+    values of the wrong type or out of range, YAML syntax errors. The checks are
+    those of every command that reads a config file; the file is checked on
+    its own, without IMGDL_* variables or flags.
+    """
+    problems = settings_mod.validate_file(file)
+    if not problems:
+        click.echo(f"{file}: OK")
+        return
+    for problem in problems:
+        click.echo(str(problem))
+    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+    click.echo(f"imgdl: error: {file}: {count}", err=True)
+    sys.exit(EXIT_USAGE)
 
 
 def main() -> None:
