@@ -187,8 +187,24 @@ def cli() -> None:
     """imgdl: download lists of image URLs, fast, politely, without losing any."""
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+_DRY_RUN_EXIT_CODES = """\b
+With --dry-run, the exit code is:
+  0    every line holds a URL a run would fetch (duplicates included)
+  1    some lines would fail before any request: invalid URL or name, name
+       collision, or an input that breaks off (the report lists the first ones)
+  2    usage or configuration error, as above
+"""
+
+
+@cli.command(epilog=f"{EXIT_CODES_HELP}\n{_DRY_RUN_EXIT_CODES}")
 @click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Read INPUTS and the settings as a run would and report lines, URLs to fetch, "
+    "duplicates, invalid lines (file:line and why) and hosts, on stdout. No request "
+    "is made and nothing is written.",
+)
 @_setting_options
 @click.option(
     "-q",
@@ -200,7 +216,9 @@ def cli() -> None:
 )
 @click.option("--report", "html_report", is_flag=True, help="Also write OUTDIR/report.html.")
 @_user_errors
-def fetch(inputs: tuple[str, ...], config_file: Path | None, quiet: bool, **params: Any) -> None:
+def fetch(
+    inputs: tuple[str, ...], config_file: Path | None, dry_run: bool, quiet: bool, **params: Any
+) -> None:
     """Download every URL of INPUTS (txt, csv, tsv, jsonl, optionally .gz; '-' is stdin).
 
     Writes the images to OUTDIR, and OUTDIR/manifest.jsonl (one record per
@@ -225,6 +243,12 @@ def fetch(inputs: tuple[str, ...], config_file: Path | None, quiet: bool, **para
     configure_logging(settings.log.level, settings.log.format)
     task = tasks.resolve(settings)
     opened = open_inputs(inputs, settings.input)
+    if dry_run:
+        from downloader.dryrun import dry_run as check_offline
+
+        report = check_offline(settings, opened)
+        click.echo(report.text())
+        sys.exit(report.exit_code)
     runner = Runner(settings, opened, task)
     with Telemetry("parent", task.index if task else None):
         exit_code, summary = runner.run()

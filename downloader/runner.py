@@ -54,7 +54,7 @@ from downloader.state import (
     Validators,
     read_lines,
 )
-from downloader.storage import case_insensitive, names_may_collide, stem_for
+from downloader.storage import case_insensitive, names_may_collide
 from downloader.tasks import TaskSlice
 from downloader.telemetry import get_logger
 from downloader.validate import require_pillow
@@ -219,13 +219,11 @@ class Runner:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
-        output = self.settings.output
-        check_names = names_may_collide(output.name_template, self.settings.input.name_column)
-        report.duplicates = Duplicates(
+        report.duplicates = Duplicates.for_run(
             self.state.dir / "dedupe.sqlite",
             report.record,
-            functools.partial(stem_for, template=output.name_template) if check_names else None,
-            fold_case=check_names and case_insensitive(self.outdir),
+            self.settings,
+            case_blind=lambda: case_insensitive(self.outdir),
         )
         reader = read_in_background(
             self.inputs, buffered=2 * self.settings.run.shard_size, poll=POLL_SECONDS

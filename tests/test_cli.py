@@ -1,14 +1,16 @@
-"""The command line itself: ``config validate``."""
+"""The command line itself: ``config validate``, ``fetch --dry-run``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from downloader import settings as settings_mod
+from downloader.devserver import DevServer
 from downloader.errors import ConfigError
-from tests.conftest import REPO, clean_env, run_cli
+from tests.conftest import REPO, clean_env, read_manifest, read_summary, run_cli, write_list
 
 
 def test_config_validate_lists_every_problem_with_line_key_and_fix(tmp_path: Path) -> None:
@@ -95,3 +97,80 @@ def test_a_run_with_a_bad_config_says_how_to_see_every_problem(tmp_path: Path) -
     assert result.stderr.startswith(f"imgdl: error: {config}:2: http.concurrency: ")
     assert f"`imgdl config validate {config}`" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def _report(stdout: str) -> dict[str, str]:
+    """The ``name: value`` lines of a dry run's report."""
+    rows = {}
+    for line in stdout.splitlines():
+        if not line.startswith(" ") and ": " in line:
+            name, value = line.split(":", 1)
+            rows[name] = value.strip()
+    return rows
+
+
+def test_dry_run_counts_as_the_run_would_without_a_request(
+    server: DevServer, tmp_path: Path
+) -> None:
+    good = [f"{server.url}/i/{n}.jpg" for n in range(5)]
+    odd = ["ftp://example.com/a.jpg", good[0], "# a comment", "", "not a url", good[1], good[0]]
+    listing = write_list(tmp_path / "u.txt", [*good, *odd])
+    out = tmp_path / "out"
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    result = run_cli(
+        "fetch", "--dry-run", str(listing), "-o", str(out), env=clean_env(TMPDIR=str(temp))
+    )
+    assert result.returncode == 1, result.stderr
+    assert server.requests == [] and server.hits == {}
+    assert not out.exists()
+    assert os.listdir(temp) == []  # its SQLite file was in a temporary folder, now gone
+    rows = _report(result.stdout)
+    assert rows["lines"] == "10"
+    assert rows["to fetch"] == "5"
+    assert rows["duplicates"].startswith("3 ")
+    assert rows["invalid lines"] == "2"
+    assert rows["hosts"] == "1 (most URLs: 127.0.0.1 5)"
+    assert f"{listing}:6: invalid_url: scheme must be http or https" in result.stdout
+    assert f"{listing}:10: invalid_url: URL contains whitespace" in result.stdout
+
+    real = run_cli("fetch", str(listing), "-o", str(out))
+    assert real.returncode == 1
+    summary = read_summary(out)
+    assert summary["lines"] == 10 and summary["saved"] == 5
+    assert summary["by_reason"] == {"duplicate": 3, "invalid_url": 2}
+
+
+def test_dry_run_checks_names_as_the_run_would(server: DevServer, tmp_path: Path) -> None:
+    listing = tmp_path / "named.csv"
+    listing.write_text(
+        "url,name\n"
+        f"{server.url}/i/0.jpg,one\n"
+        f"{server.url}/i/1.jpg,../up\n"  # invalid_name
+        f"{server.url}/i/2.jpg,one\n"  # name_collision
+        f"{server.url}/i/3.jpg,three\n"
+        f"{server.url}/i/3.jpg,three\n"  # duplicate
+    )
+    out = tmp_path / "out"
+    args = ("fetch", str(listing), "-o", str(out), "--name-column", "name")
+    result = run_cli(*args, "--dry-run")
+    assert result.returncode == 1
+    rows = _report(result.stdout)
+    assert (rows["to fetch"], rows["invalid names"], rows["name collisions"]) == ("2", "1", "1")
+    assert rows["duplicates"].startswith("1 ")
+    assert f"{listing}:3: invalid_name: " in result.stdout
+    assert f"{listing}:4: name_collision: the name 'one' is taken by {listing}:2" in result.stdout
+    assert server.requests == [] and not out.exists()
+
+    assert run_cli(*args).returncode == 1
+    reasons = sorted(str(r["reason"]) for r in read_manifest(out))
+    assert reasons == ["None", "None", "duplicate", "invalid_name", "name_collision"]
+
+
+def test_dry_run_of_a_clean_list_exits_0_and_keeps_usage_errors_at_2(tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.txt", ["http://example.com/a.jpg"] * 3)
+    result = run_cli("fetch", "--dry-run", str(listing), "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert _report(result.stdout)["to fetch"] == "1"
+    missing = run_cli("fetch", "--dry-run", str(tmp_path / "none.txt"))
+    assert missing.returncode == 2 and "cannot open input" in missing.stderr
