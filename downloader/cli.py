@@ -25,6 +25,14 @@ Exit codes:
   143  terminated by SIGTERM
 """
 
+
+def _examples(*lines: str) -> str:
+    """An "Examples:" block that click prints as written (``\\b``: no rewrapping).
+
+    Every command has one: tests/test_cli.py fails for a command without."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines) + "\n"
+
+
 #: flag name → (dotted setting, click type, help)
 _OVERRIDES: list[tuple[str, str, Any, str]] = [
     (
@@ -181,12 +189,35 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+_CLI_EXAMPLES = _examples(
+    "imgdl fetch urls.txt                     # download into ./images",
+    "imgdl fetch --dry-run urls.csv           # check lines and settings first, offline",
+    "imgdl fetch out/failures.txt -o out      # retry what failed",
+    "imgdl report out                         # out/report.html: the run as charts",
+    "imgdl config validate my.yaml            # every problem of a config file",
+    "imgdl config show --config my.yaml       # the settings and where each came from",
+    "imgdl fetch --help                       # more on one command",
+)
+
+
+@click.group(
+    epilog=f"{_CLI_EXAMPLES}\n{EXIT_CODES_HELP}",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="imgdl")
 def cli() -> None:
     """imgdl: download lists of image URLs, fast, politely, without losing any."""
 
 
+_FETCH_EXAMPLES = _examples(
+    "imgdl fetch urls.txt                              # into ./images",
+    "imgdl fetch --dry-run urls.txt                    # counts, invalid lines, duplicates",
+    "zcat list.csv.gz | imgdl fetch - --url-column image_url -o out",
+    "imgdl fetch a.txt b.jsonl -o out --rate 20 --per-host-connections 4",
+    "imgdl fetch out/failures.txt -o out               # retry what failed",
+    "imgdl fetch urls.txt -o out --report              # also writes out/report.html",
+    "IMGDL_NETWORK_ALLOW=127.0.0.0/8 imgdl fetch local.txt   # a server on this machine",
+)
 _DRY_RUN_EXIT_CODES = """\b
 With --dry-run, the exit code is:
   0    every line holds a URL a run would fetch (duplicates included)
@@ -196,7 +227,7 @@ With --dry-run, the exit code is:
 """
 
 
-@cli.command(epilog=f"{EXIT_CODES_HELP}\n{_DRY_RUN_EXIT_CODES}")
+@cli.command(epilog=f"{_FETCH_EXAMPLES}\n{EXIT_CODES_HELP}\n{_DRY_RUN_EXIT_CODES}")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
     "--dry-run",
@@ -224,10 +255,6 @@ def fetch(
     Writes the images to OUTDIR, and OUTDIR/manifest.jsonl (one record per
     input line), OUTDIR/failures.txt (failed URLs, re-feedable as input) and
     OUTDIR/summary.json.
-
-    \b
-    Example:
-      imgdl fetch urls.txt -o out/ --report     # also writes out/report.html
     """
     from downloader import tasks
     from downloader.runner import Runner
@@ -317,16 +344,37 @@ def merge(outdir: Path) -> None:
     sys.exit(summary["exit_code"])
 
 
-@cli.group()
+@cli.group(
+    epilog=_examples(
+        "imgdl config show                        # defaults, IMGDL_* variables and flags",
+        "imgdl config show --config my.yaml --rate 5",
+        "imgdl config validate my.yaml            # every problem, with its line",
+    )
+)
 def config() -> None:
-    """Inspect and check the settings."""
+    """Inspect and check the settings.
+
+    docs/configuration.md describes every key: its default, IMGDL_* variable,
+    flag and meaning.
+    """
 
 
-@config.command("show")
+@config.command(
+    "show",
+    epilog=_examples(
+        "imgdl config show --config my.yaml",
+        "IMGDL_HTTP_CONCURRENCY=32 imgdl config show --concurrency 16   # the flag wins",
+        "imgdl config show | grep '^limits'",
+    ),
+)
 @_setting_options
 @_user_errors
 def config_show(config_file: Path | None, **params: Any) -> None:
-    """Print the effective settings and where each value came from."""
+    """Print the effective settings and where each value came from.
+
+    Precedence, highest first: flags, IMGDL_* environment variables, the
+    config file (--config or IMGDL_CONFIG), defaults.
+    """
     effective = _effective(config_file, params)
     width = max(len(k) for k in settings_mod.KEYS)
     resolved = {
@@ -342,7 +390,12 @@ def config_show(config_file: Path | None, **params: Any) -> None:
 
 @config.command(
     "validate",
-    epilog="""\b
+    epilog=_examples(
+        "imgdl config validate my.yaml",
+        "imgdl config validate my.yaml && imgdl fetch urls.txt --config my.yaml",
+    )
+    + """
+\b
 Exit codes:
   0    the file is valid (one line: FILE: OK)
   2    it has problems, or cannot be read

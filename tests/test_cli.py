@@ -1,16 +1,50 @@
-"""The command line itself: ``config validate``, ``fetch --dry-run``."""
+"""The command line itself: help with examples, ``config validate``, ``fetch --dry-run``."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 
 from downloader import settings as settings_mod
+from downloader.cli import cli
 from downloader.devserver import DevServer
 from downloader.errors import ConfigError
 from tests.conftest import REPO, clean_env, read_manifest, read_summary, run_cli, write_list
+
+
+def _command_paths(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    yield path
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _command_paths(sub, (*path, name))
+
+
+def _examples(help_text: str) -> list[str]:
+    """The lines of the "Examples:" block of a help text."""
+    assert "Examples:\n" in help_text
+    block = help_text.split("Examples:\n", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in block.splitlines()]
+
+
+def test_every_command_has_examples_in_its_help() -> None:
+    """Walks the click tree, so that a command added without examples fails here."""
+    paths = list(_command_paths(cli))
+    assert {("fetch",), ("config", "show"), ("config", "validate")} <= set(paths)
+    for path in paths:
+        result = run_cli(*path, "--help")
+        assert result.returncode == 0, result.stderr
+        examples = _examples(result.stdout)
+        assert len(examples) >= 2, (path, result.stdout)  # not rewrapped into one line
+        for example in examples:
+            words = example.split("imgdl ", 1)[1].split()  # the command the example runs
+            command: click.Command = cli
+            while isinstance(command, click.Group) and words and words[0] in command.commands:
+                command = command.commands[words.pop(0)]
+            assert not isinstance(command, click.Group) or words[:1] == ["--help"], example
 
 
 def test_config_validate_lists_every_problem_with_line_key_and_fix(tmp_path: Path) -> None:
