@@ -208,3 +208,19 @@ def test_dry_run_of_a_clean_list_exits_0_and_keeps_usage_errors_at_2(tmp_path: P
     assert _report(result.stdout)["to fetch"] == "1"
     missing = run_cli("fetch", "--dry-run", str(tmp_path / "none.txt"))
     assert missing.returncode == 2 and "cannot open input" in missing.stderr
+
+
+def test_input_errors_say_how_to_fix_them(tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "u.csv", ["link", "http://example.com/a.jpg"])
+    out = str(tmp_path / "out")
+    cases = [
+        ((str(tmp_path / "none.txt"),), "check the path"),
+        ((str(listing),), "name the right ones with --url-column"),
+        ((str(listing), str(tmp_path / ".." / tmp_path.name / "u.csv")), f"input {tmp_path}/.."),
+    ]
+    for inputs, fix in cases:
+        result = run_cli("fetch", *inputs, "-o", out, "--dry-run")
+        assert result.returncode == 2
+        assert fix in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
