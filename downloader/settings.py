@@ -462,6 +462,9 @@ def _type_words(annotation: Any) -> str:
     return _TYPE_WORDS.get(annotation, str(annotation))
 
 
+_SIDES = (("ge", ">="), ("gt", ">"), ("le", "<="))
+
+
 def _bounds(metadata: list[Any]) -> str:
     found = {
         attr: getattr(item, attr)
@@ -472,10 +475,10 @@ def _bounds(metadata: list[Any]) -> str:
     words = []
     if "ge" in found and "le" in found:
         words.append(f"{found['ge']} to {found['le']}")
-    elif "ge" in found:
-        words.append(f">= {found['ge']}")
-    elif "gt" in found:
-        words.append(f"> {found['gt']}")
+    else:
+        sides = [f"{op} {found[attr]}" for attr, op in _SIDES if attr in found]
+        if sides:
+            words.append(" and ".join(sides))
     if found.get("min_length") == 1:
         words.append("not empty")
     if "max_length" in found:
