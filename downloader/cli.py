@@ -273,7 +273,7 @@ def fetch(
     if dry_run:
         from downloader.dryrun import dry_run as check_offline
 
-        report = check_offline(settings, opened)
+        report = check_offline(settings, opened, task)
         click.echo(report.text())
         sys.exit(report.exit_code)
     runner = Runner(settings, opened, task)

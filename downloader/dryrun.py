@@ -5,7 +5,8 @@ seen) before it reads a line. A dry run must neither write there nor connect
 anywhere, so it has no runner: it reads the lines with the same sources code
 (the same URL checks), decides duplicates and name collisions with the same
 :meth:`Duplicates.for_run` (its SQLite file in a temporary folder, so memory
-stays bounded on any list), and checks names as a worker would. What it cannot
+stays bounded on any list), checks names as a worker would, and for one task of
+a split job keeps the lines that task takes (``tasks.TaskSlice``). What it cannot
 know without the network or the output folder, it does not guess: lines done
 by an earlier run into the same folder and files already on disk are counted
 as to be fetched.
@@ -27,6 +28,7 @@ from downloader.report import EXIT_FAILURES, EXIT_OK
 from downloader.settings import Settings
 from downloader.sources import InputList, read_all
 from downloader.storage import stem_for
+from downloader.tasks import TaskSlice
 from downloader.validate import require_pillow
 
 #: Problems listed one by one; the rest are only counted.
@@ -43,6 +45,8 @@ class DryRun:
 
     inputs: list[tuple[str, str]]  # (label, format)
     outdir: Path
+    task: TaskSlice | None = None
+    others: int = 0  # lines left to the other tasks of a split job
     lines: int = 0
     to_fetch: int = 0
     duplicates: int = 0
@@ -77,6 +81,12 @@ class DryRun:
         else:
             self.more_hosts = True
 
+    def _task_row(self) -> list[tuple[str, str]]:
+        if self.task is None:
+            return []
+        left = f"{self.others:,} lines left to the other tasks"
+        return [("task", f"{self.task.name} (from {self.task.source}); {left}")]
+
     def text(self) -> str:
         """The report, one fact a line, for a person (and for grep)."""
         inputs = ", ".join(f"{label} ({fmt})" for label, fmt in self.inputs)
@@ -89,6 +99,7 @@ class DryRun:
         rows = [
             ("dry run", "no request made, nothing written"),
             ("inputs", inputs),
+            *self._task_row(),
             ("lines", f"{self.lines:,}"),
             ("to fetch", f"{self.to_fetch:,}"),
             ("duplicates", f"{self.duplicates:,} (fetched once, for their first line)"),
@@ -111,11 +122,12 @@ class DryRun:
         return "\n".join(out)
 
 
-def dry_run(settings: Settings, inputs: list[InputList]) -> DryRun:
-    """Read every line of ``inputs`` and decide what a run would do with it, offline."""
+def dry_run(settings: Settings, inputs: list[InputList], task: TaskSlice | None = None) -> DryRun:
+    """Read every line of ``inputs`` and decide what a run would do with it, offline.
+    With ``task`` (a split job), only the lines that task takes, as its run would."""
     require_pillow(settings.validate_)  # a run with decode on and no Pillow stops here too
     outdir = settings.output.dir
-    report = DryRun(inputs=[(i.label, i.format) for i in inputs], outdir=outdir)
+    report = DryRun(inputs=[(i.label, i.format) for i in inputs], outdir=outdir, task=task)
     template = settings.output.name_template
     with tempfile.TemporaryDirectory(prefix="imgdl-dry-run-") as tmp:
         duplicates = Duplicates.for_run(
@@ -126,6 +138,9 @@ def dry_run(settings: Settings, inputs: list[InputList]) -> DryRun:
         )
         try:
             for item in read_all(inputs):
+                if task is not None and not task.takes(item.url):
+                    report.others += 1
+                    continue
                 report.lines += 1
                 if isinstance(item, Outcome):
                     report.record(item)

@@ -224,3 +224,27 @@ def test_input_errors_say_how_to_fix_them(tmp_path: Path) -> None:
         assert fix in result.stderr, result.stderr
         assert len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_of_one_task_counts_that_task_lines(server: DevServer, tmp_path: Path) -> None:
+    """A split job's task reads every line but takes its slice: the dry run does too."""
+    urls = [f"{server.url}/i/{n}.jpg" for n in range(12)] + ["ftp://example.com/x.jpg"]
+    listing = write_list(tmp_path / "u.txt", [*urls, urls[0], urls[5]])
+    out = tmp_path / "out"
+    counted = []
+    for index in (0, 1):
+        split = ("--shard-index", str(index), "--shard-count", "2")
+        before = sorted(out.rglob("*"))
+        dry = run_cli("fetch", str(listing), "-o", str(out), *split, "--dry-run")
+        assert dry.returncode in (0, 1), dry.stderr
+        rows = _report(dry.stdout)
+        assert rows["task"].startswith(f"task-0000{index}-of-00002 (from run.shard_index); ")
+        assert server.requests == [] and sorted(out.rglob("*")) == before
+        real = run_cli("fetch", str(listing), "-o", str(out), *split)
+        summary = read_summary(out / "tasks" / f"task-0000{index}-of-00002")
+        assert rows["lines"] == str(summary["lines"])
+        assert rows["to fetch"] == str(summary["saved"]), real.stderr
+        assert rows["duplicates"].startswith(f"{summary['by_reason'].get('duplicate', 0)} ")
+        counted.append(summary["lines"])
+        server.requests.clear()
+    assert sum(counted) == 15
