@@ -45,6 +45,8 @@ class Totals:
     http_errors: Counter[int] = dataclasses.field(default_factory=Counter)
     bytes: int = 0
     refetchable: int = 0
+    #: records of a line that had one already (the newest comes first: it wins)
+    repeated: int = 0
 
     @property
     def lines(self) -> int:
@@ -75,7 +77,19 @@ def compact(
     ``unread`` are URLs of an input that this run did not get to and that would be
     lost from the retry cycle otherwise (the input was this folder's failures.txt).
     """
-    outdir = state.outdir
+    totals = write_records(state.outdir, state.raw_records(), unread)
+    if summary_extra is not None:
+        write_summary(state.outdir, {**counts_of(totals), **summary_extra})
+    state.merged()
+    return totals
+
+
+def write_records(
+    outdir: Path, records: Iterable[tuple[dict[str, Any], str]], unread: Iterable[str] = ()
+) -> Totals:
+    """Write ``manifest.jsonl`` (the first record of each line) and ``failures.txt``
+    in ``outdir``, each replaced at once when complete; the counts, with the later
+    records of a line already written in ``totals.repeated``."""
     totals = Totals()
     seen = LineSet()
     manifest_tmp = outdir / (MANIFEST + ".tmp")
@@ -84,9 +98,10 @@ def compact(
         open(manifest_tmp, "w", encoding="utf-8") as manifest,
         open(failures_tmp, "w", encoding="utf-8") as failures,
     ):
-        for record, text in state.raw_records():
+        for record, text in records:
             key = (record["input"], record["line"])
             if key in seen:
+                totals.repeated += 1
                 continue
             seen.add(key)
             manifest.write(text + "\n")
@@ -98,13 +113,10 @@ def compact(
             totals.refetchable += 1
     os.replace(manifest_tmp, outdir / MANIFEST)
     os.replace(failures_tmp, outdir / FAILURES)
-    if summary_extra is not None:
-        write_summary(outdir, {**_counts(totals), **summary_extra})
-    state.merged()
     return totals
 
 
-def _counts(totals: Totals) -> dict[str, Any]:
+def counts_of(totals: Totals) -> dict[str, Any]:
     return {
         "lines": totals.lines,
         "saved": totals.by_status[Status.SAVED],
@@ -181,6 +193,7 @@ class RunReport:
         input_complete: bool,
         input_errors: list[str],
         unread: Iterable[str] = (),
+        task: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Merge the records, write ``summary.json``; returns the summary."""
         if self.duplicates is not None:
@@ -193,7 +206,7 @@ class RunReport:
             signal_exit if signal_exit is not None else (EXIT_FAILURES if failed else EXIT_OK)
         )
         summary: dict[str, Any] = {
-            **_counts(totals),
+            **counts_of(totals),
             "lines_read": lines_read,
             "input_complete": input_complete,
             "input_errors": input_errors,
@@ -211,6 +224,8 @@ class RunReport:
             "manifest": MANIFEST,
             "failures": FAILURES,
         }
+        if task is not None:
+            summary["task"] = task
         write_summary(self.outdir, summary)
         return summary
 

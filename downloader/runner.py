@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -48,12 +48,14 @@ from downloader.state import (
     MANIFEST,
     STATE_DIR,
     SUMMARY,
+    TASKS_DIR,
     LineSet,
     RunState,
     Validators,
     read_lines,
 )
-from downloader.storage import case_insensitive, names_may_collide, stem_for
+from downloader.storage import case_insensitive, names_may_collide
+from downloader.tasks import TaskSlice
 from downloader.telemetry import get_logger
 from downloader.validate import require_pillow
 from downloader.worker import ShardResult, WorkerContext, init_worker, run_shard
@@ -73,8 +75,11 @@ class _Lines:
         done: LineSet,
         duplicates: Duplicates,
         validators: Validators | None = None,
+        takes: Callable[[str], bool] | None = None,
     ) -> None:
+        """``takes``: which URLs are this task's, when the job is split (tasks.py)."""
         self._validators = validators
+        self._takes = takes
         self._items = items
         self._done = done
         self._duplicates = duplicates
@@ -88,6 +93,8 @@ class _Lines:
             if isinstance(item, Tick):
                 yield item
                 continue
+            if self._takes is not None and not self._takes(item.url):
+                continue  # another task's line
             self.count += 1
             self.last_line[item.input] = item.line
             if (item.input, item.line) in self._done:
@@ -115,11 +122,19 @@ class _Lines:
 
 
 class Runner:
-    def __init__(self, settings: Settings, inputs: list[InputList]) -> None:
+    def __init__(
+        self, settings: Settings, inputs: list[InputList], task: TaskSlice | None = None
+    ) -> None:
+        if task is not None:  # limits are the whole job's: this task takes its share
+            settings = settings.model_copy(update={"limits": task.limits(settings.limits)})
         self.settings = settings
         self.inputs = inputs
+        self.task = task
+        #: the images' folder
         self.outdir = settings.output.dir.resolve()
-        self.state = RunState(self.outdir)
+        #: the records' folder: manifest, failures, summary, state
+        self.records_dir = self.outdir / TASKS_DIR / task.name if task else self.outdir
+        self.state = RunState(self.records_dir, images=self.outdir)
         self._mp = multiprocessing.get_context("spawn")
         self._stop = self._mp.Event()
         self._limits = SharedLimits.create(self._mp)
@@ -155,7 +170,7 @@ class Runner:
         That file is replaced at the end of the run; without this, a retry that was
         stopped would drop what it had not read yet from the retry cycle.
         """
-        own = os.path.realpath(self.outdir / FAILURES)
+        own = os.path.realpath(self.records_dir / FAILURES)
         for item in self.inputs:
             if item.path == "-" or os.path.realpath(item.path) != own:
                 continue
@@ -168,9 +183,12 @@ class Runner:
 
     def _open_state(self) -> LineSet:
         try:
-            self.outdir.mkdir(parents=True, exist_ok=True)
-            own = {STATE_DIR, ARCHIVE_DIR, MANIFEST, FAILURES, SUMMARY}
-            empty = not any(entry.name not in own for entry in os.scandir(self.outdir))
+            self.records_dir.mkdir(parents=True, exist_ok=True)
+            own = {STATE_DIR, ARCHIVE_DIR, TASKS_DIR, MANIFEST, FAILURES, SUMMARY}
+            # the other tasks of a split job write beside this one
+            empty = self.task is None and not any(
+                entry.name not in own for entry in os.scandir(self.outdir)
+            )
             output = self.settings.output
             self._probe_existing = not empty or names_may_collide(
                 output.name_template, self.settings.input.name_column
@@ -201,23 +219,28 @@ class Runner:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
-        output = self.settings.output
-        check_names = names_may_collide(output.name_template, self.settings.input.name_column)
-        report.duplicates = Duplicates(
+        report.duplicates = Duplicates.for_run(
             self.state.dir / "dedupe.sqlite",
             report.record,
-            functools.partial(stem_for, template=output.name_template) if check_names else None,
-            fold_case=check_names and case_insensitive(self.outdir),
+            self.settings,
+            case_blind=lambda: case_insensitive(self.outdir),
         )
         reader = read_in_background(
             self.inputs, buffered=2 * self.settings.run.shard_size, poll=POLL_SECONDS
         )
-        lines = _Lines(reader, done, report.duplicates, self.state.validators)
+        lines = _Lines(
+            reader,
+            done,
+            report.duplicates,
+            self.state.validators,
+            takes=self.task.takes if self.task else None,
+        )
         progress = self._start_progress(report, lines)
         log.info(
             "run started",
             inputs=[i.label for i in self.inputs],
             outdir=str(self.outdir),
+            task=self.task.name if self.task else None,
             processes=self.settings.processes,
             concurrency=self.settings.http.concurrency,
             already_done=len(done),
@@ -246,10 +269,11 @@ class Runner:
                 complete,
                 input_errors,
                 unread=() if complete else self._unread_failures(lines),
+                task=dataclasses.asdict(self.task) if self.task else None,
             )
         except OSError as exc:  # our own records cannot be written: disk full, gone
             raise ImgdlError(
-                f"cannot write the run's records in {self.outdir}: {exc.strerror or exc}; "
+                f"cannot write the run's records in {self.records_dir}: {exc.strerror or exc}; "
                 "free the space and run the same command again to finish"
             ) from None
         finally:
@@ -282,7 +306,7 @@ class Runner:
             terminal=sys.stderr.isatty(),
             interval=self.settings.log.progress_interval,
             lines=lambda: (lines.carried, lines.count if lines.exhausted else None),
-            estimate=functools.partial(count_lines, paths),
+            estimate=functools.partial(count_lines, paths, self.task.count if self.task else 1),
         )
         report.on_own_outcome = progress.record
         return progress.start()
@@ -296,6 +320,8 @@ class Runner:
             parent_pid=os.getpid(),
             probe_existing=self._probe_existing,
             progress=self._counters,
+            parts_dir=self.state.parts_dir,
+            task_index=self.task.index if self.task else None,
         )
         return ProcessPoolExecutor(
             max_workers=self.settings.processes,

@@ -108,7 +108,7 @@ class ShardRun:
         #: jobs whose next try is for a later shard, with its delay in seconds
         self.deferred: list[tuple[Job, float]] = []
         self.log = get_logger(shard=shard.shard_id, attempt=shard.attempt, pid=os.getpid())
-        self.telemetry = process_telemetry("worker")
+        self.telemetry = process_telemetry("worker", context.task_index)
         self.feed = Feed(context.progress)
         self.span: Any = None
 
@@ -152,6 +152,7 @@ class ShardRun:
                 self.settings.output.name_template,
                 # a retried shard may find files its killed attempt put in place
                 probe=self.context.probe_existing or self.shard.attempt > 1,
+                parts=self.context.parts_dir,
             ),
             self.settings,
             limiter if limiter.limits_anything else None,

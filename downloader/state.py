@@ -47,6 +47,8 @@ from downloader.sources import STDIN
 
 STATE_DIR = ".imgdl"
 ARCHIVE_DIR = "previous-runs"
+#: One folder of records per task of a job split by an orchestrator (see tasks.py).
+TASKS_DIR = "tasks"
 MANIFEST = "manifest.jsonl"
 FAILURES = "failures.txt"
 SUMMARY = "summary.json"
@@ -224,8 +226,11 @@ def _nonempty_file(path: Path) -> bool:
 class RunState:
     """Opens the state of OUTDIR for a run: recovers, decides what is done, appends records."""
 
-    def __init__(self, outdir: Path) -> None:
+    def __init__(self, outdir: Path, images: Path | None = None) -> None:
+        """``outdir`` holds the records; ``images`` the images they name (the same
+        folder, except for one task of a split job: OUTDIR/tasks/<task>/ and OUTDIR)."""
         self.outdir = outdir
+        self.images = images if images is not None else outdir
         self.dir = outdir / STATE_DIR
         self.journal_dir = self.dir / "journal"
         self.segments_dir = self.dir / "segments"
@@ -318,7 +323,7 @@ class RunState:
             seen.add(key)
             if outcome.status is Status.FAILED:
                 continue
-            if outcome.path is None or _nonempty_file(self.outdir / outcome.path):
+            if outcome.path is None or _nonempty_file(self.images / outcome.path):
                 done.add(key)
                 if (
                     self.validators is not None

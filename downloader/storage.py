@@ -26,7 +26,7 @@ from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import ConfigError, UnsafeNameError
 from downloader.outcomes import Job
-from downloader.state import ARCHIVE_DIR, STATE_DIR
+from downloader.state import ARCHIVE_DIR, STATE_DIR, TASKS_DIR
 from downloader.validate import EXTENSIONS, KNOWN_SUFFIXES
 
 PART_SUFFIX = ".part"
@@ -35,7 +35,7 @@ TEMPLATE_FIELDS = frozenset({"url_hash", "host", "basename", "input", "line"})
 _MAX_COMPONENT_BYTES = 255
 # Room for ".<ext>" after the stem.
 _MAX_STEM_COMPONENT_BYTES = _MAX_COMPONENT_BYTES - 8
-_RESERVED_TOP = frozenset({STATE_DIR, ARCHIVE_DIR})
+_RESERVED_TOP = frozenset({STATE_DIR, ARCHIVE_DIR, TASKS_DIR})
 # Names Windows (and SMB shares, and many sync tools) cannot hold, with any extension.
 _WINDOWS_DEVICES = frozenset(
     {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
@@ -56,9 +56,14 @@ def check_template(template: str) -> None:
     try:
         parsed = [(f, c) for _, f, _, c in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
-        raise ConfigError(f"bad template {template!r}: {exc}") from None
+        raise ConfigError(
+            f"bad template {template!r}: {exc} (close each field with '}}'; "
+            "write '{{' or '}}' for a brace itself)"
+        ) from None
     if any(conversion for _, conversion in parsed):
-        raise ConfigError(f"bad template {template!r}: conversions like !r are not allowed")
+        raise ConfigError(
+            f"bad template {template!r}: conversions like !r are not allowed (remove them)"
+        )
     fields = {f for f, _ in parsed}
     unknown = {f.split(".")[0].split("[")[0] for f in fields} - TEMPLATE_FIELDS
     if unknown or any(not f or "." in f or "[" in f for f in fields):
@@ -68,7 +73,10 @@ def check_template(template: str) -> None:
     try:
         safe_relpath(template.format(**sample))
     except (ValueError, UnsafeNameError) as exc:
-        raise ConfigError(f"bad template {template!r}: {exc}") from None
+        raise ConfigError(
+            f"bad template {template!r}: {exc} (a name is a relative path that stays inside "
+            "output.dir, e.g. '{host}/{basename}')"
+        ) from None
 
 
 def template_fields(template: str) -> frozenset[str]:
@@ -173,7 +181,9 @@ def names_may_collide(template: str, name_column: str | None) -> bool:
 class Store:
     """The local output folder. Later backends (object stores) keep this interface."""
 
-    def __init__(self, root: Path, template: str, probe: bool = True) -> None:
+    def __init__(
+        self, root: Path, template: str, probe: bool = True, parts: Path | None = None
+    ) -> None:
         """``probe=False`` when no file can be in the way: the folder held no images
         when the run began and every URL gets a name of its own (the default
         template), so the nine ``lstat`` calls per image that look for one are saved.
@@ -184,7 +194,8 @@ class Store:
         self._plain = _plain_template(template, self._template_fields)
         self.probe = probe
         self._checked_dirs: set[str] = set()
-        self._parts = self.root / PARTS_DIR / str(os.getpid())
+        # ``parts``: the run's parts folder (a task of a split job has its own)
+        self._parts = (parts or self.root / PARTS_DIR) / str(os.getpid())
         self._parts.mkdir(parents=True, exist_ok=True)
 
     def stem_for(self, job: Job) -> str:

@@ -60,8 +60,6 @@ _collector_healthy = True
 #: Latency buckets of ``http.client.request.duration`` (seconds), as the HTTP semantic
 #: conventions advise; the SDK's default buckets suit milliseconds.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
-#: Orchestrator variables that name the task this process belongs to (issue 7).
-TASK_INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX", "CLOUD_RUN_TASK_INDEX")
 
 
 def otlp_wanted(signal: str, env: Mapping[str, str] = os.environ) -> bool:
@@ -131,23 +129,22 @@ def get_logger(**context: Any) -> Any:
     return logger.bind(**context) if context else logger
 
 
-def resource_attributes(role: str, env: Mapping[str, str] = os.environ) -> dict[str, str | int]:
+def resource_attributes(role: str, task_index: int | None) -> dict[str, str | int]:
     """What names this process in every signal: the service (unless ``OTEL_SERVICE_NAME``
-    or ``OTEL_RESOURCE_ATTRIBUTES`` name it), the process, its role, the task index."""
+    or ``OTEL_RESOURCE_ATTRIBUTES`` name it), the process, its role, and the index of
+    its task when the job is split (see tasks.py)."""
     attributes: dict[str, str | int] = {
         "service.version": __version__,
         "process.pid": os.getpid(),
         "imgdl.role": role,
     }
-    for variable in TASK_INDEX_VARIABLES:
-        if env.get(variable, "").strip().isdigit():
-            attributes["imgdl.task.index"] = int(env[variable])
-            break
+    if task_index is not None:
+        attributes["imgdl.task.index"] = task_index
     return attributes
 
 
-def _resource(role: str) -> Resource:
-    resource = Resource.create(resource_attributes(role))
+def _resource(role: str, task_index: int | None) -> Resource:
+    resource = Resource.create(resource_attributes(role, task_index))
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": "imgdl"}))
     return resource
@@ -172,7 +169,7 @@ class Telemetry:
     imported beyond the logs SDK and every record method returns at once.
     """
 
-    def __init__(self, role: str) -> None:
+    def __init__(self, role: str, task_index: int | None = None) -> None:
         self._providers: list[Any] = []
         self.logger: OtelLogger | None = None
         self.tracer: Any = None
@@ -183,7 +180,7 @@ class Telemetry:
         wanted = {signal for signal in ("logs", "traces", "metrics") if otlp_wanted(signal)}
         if not wanted:
             return
-        resource = _resource(role)
+        resource = _resource(role, task_index)
         # Imported lazily: the exporters pull in requests and protobuf.
         if "logs" in wanted:
             from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
@@ -356,10 +353,10 @@ class Telemetry:
 _process: Telemetry | None = None
 
 
-def process_telemetry(role: str) -> Telemetry:
+def process_telemetry(role: str, task_index: int | None = None) -> Telemetry:
     """This process's telemetry, opened on first use and shut down at exit (bounded)."""
     global _process
     if _process is None:
-        _process = Telemetry(role).__enter__()
+        _process = Telemetry(role, task_index).__enter__()
         atexit.register(_process.shutdown)
     return _process

@@ -44,6 +44,10 @@ class WorkerContext:
     probe_existing: bool = True
     #: where the shards add their counts for the parent's progress display
     progress: SharedCounters | None = None
+    #: where bodies are written before they are complete (the run's state folder)
+    parts_dir: Path | None = None
+    #: this task's index when the job is split (for telemetry's resource)
+    task_index: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,0 +1,114 @@
+"""``imgdl merge OUTDIR``: join the records of the tasks of a split job.
+
+Each task of a job split by an orchestrator (see :mod:`downloader.tasks`) leaves
+``OUTDIR/tasks/task-IIIII-of-NNNNN/{manifest.jsonl,failures.txt,summary.json}``.
+Merging writes ``OUTDIR/manifest.jsonl``, ``OUTDIR/failures.txt`` and
+``OUTDIR/summary.json`` for the whole job, streaming (one record in memory at a
+time, one bit per line to notice a line recorded twice, as a run's own merge), and says which tasks
+are missing or did not finish, so a job is never taken as complete when it is not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from downloader.errors import ImgdlError
+from downloader.outcomes import Status
+from downloader.report import EXIT_FAILURES, EXIT_OK, counts_of, write_records, write_summary
+from downloader.state import FAILURES, MANIFEST, SUMMARY, TASKS_DIR, read_raw
+from downloader.tasks import task_name
+
+_TASK_FOLDER = re.compile(r"task-(\d{5})-of-(\d{5})")
+
+
+def _task_folders(outdir: Path) -> tuple[int, dict[int, Path]]:
+    """The number of tasks of the job, and the folder of each task that left one."""
+    found: dict[int, dict[int, Path]] = {}
+    tasks_dir = outdir / TASKS_DIR
+    if tasks_dir.is_dir():
+        for entry in tasks_dir.iterdir():
+            match = _TASK_FOLDER.fullmatch(entry.name)
+            if match and entry.is_dir():
+                index, count = int(match[1]), int(match[2])
+                found.setdefault(count, {})[index] = entry
+    if not found:
+        raise ImgdlError(
+            f"no task records in {tasks_dir}: 'imgdl merge' joins the records of a job "
+            "split with --shard-index/--shard-count (or an orchestrator's index variable)"
+        )
+    if len(found) > 1:
+        splits = ", ".join(f"{n} tasks" for n in sorted(found))
+        raise ImgdlError(
+            f"{tasks_dir} holds the tasks of different splits ({splits}): move the "
+            "folders of the split you do not want elsewhere, then merge again"
+        )
+    ((count, folders),) = found.items()
+    return count, folders
+
+
+def _task_summary(folder: Path) -> dict[str, Any] | None:
+    try:
+        loaded = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def merge(outdir: Path) -> dict[str, Any]:
+    """Write the job's manifest, failures and summary in ``outdir``; return the summary."""
+    count, folders = _task_folders(outdir)
+    unfinished: dict[str, str] = {}
+
+    def records() -> Iterator[tuple[dict[str, Any], str]]:
+        for index in range(count):
+            name = task_name(index, count)
+            folder = folders.get(index)
+            summary = _task_summary(folder) if folder is not None else None
+            if folder is None or summary is None or not (folder / MANIFEST).exists():
+                unfinished[name] = "missing: the task has not finished a run"
+                continue
+            if summary.get("exit_code") not in (EXIT_OK, EXIT_FAILURES):
+                unfinished[name] = f"stopped (exit code {summary.get('exit_code')})"
+            elif not summary.get("input_complete", True):
+                unfinished[name] = "did not read its input to the end"
+            yield from read_raw(folder / MANIFEST)
+
+    totals = write_records(outdir, records())
+    complete = not unfinished and not totals.repeated
+    summary = {
+        **counts_of(totals),
+        "tasks": {"count": count, "merged": count - len(unfinished), "unfinished": unfinished},
+        # two tasks of one split never share a line: these read different lists
+        "lines_recorded_twice": totals.repeated,
+        "input_complete": complete,
+        "exit_code": EXIT_OK if complete and not totals.by_status[Status.FAILED] else EXIT_FAILURES,
+        "merged_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "manifest": MANIFEST,
+        "failures": FAILURES,
+    }
+    write_summary(outdir, summary)
+    return summary
+
+
+def merge_text(summary: dict[str, Any], outdir: Path) -> str:
+    """The lines ``imgdl merge`` prints."""
+    tasks = summary["tasks"]
+    lines = [
+        f"imgdl: merged {tasks['merged']} of {tasks['count']} tasks: {summary['lines']} lines, "
+        f"{summary['saved']} saved, {summary['skipped']} skipped, {summary['failed']} failed",
+        f"imgdl: manifest {outdir / MANIFEST}; failures {outdir / FAILURES} "
+        f"({summary['refetchable_failures']} to retry); exit {summary['exit_code']}",
+    ]
+    for name, why in tasks["unfinished"].items():
+        lines.append(f"imgdl: {name} {why}; run it (again) with the same command, then merge")
+    if summary["lines_recorded_twice"]:
+        lines.append(
+            f"imgdl: {summary['lines_recorded_twice']} lines were in two tasks' records "
+            "(the tasks read different lists?); the first record of each was kept"
+        )
+    return "\n".join(lines)
