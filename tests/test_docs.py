@@ -9,6 +9,7 @@ import re
 import typing
 from pathlib import Path
 
+from downloader.merge import merge
 from downloader.outcomes import REFETCHABLE, Outcome, Reason, Status
 from downloader.report import (
     EXIT_FAILURES,
@@ -17,9 +18,12 @@ from downloader.report import (
     EXIT_SIGTERM,
     EXIT_USAGE,
     RunReport,
+    Totals,
+    counts_of,
 )
 from downloader.retry import DEFAULT_STATUSES, RETRYABLE_REASONS
-from downloader.state import RunState
+from downloader.state import MANIFEST, SUMMARY, TASKS_DIR, RunState
+from downloader.tasks import task_name
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -92,9 +96,9 @@ _ROW = re.compile(r"^\|\s*(`[^|]+`)\s*\|\s*([^|]+?)\s*\|")
 
 
 def _table(section: str) -> dict[str, str]:
-    """First two columns of the table under the ``## section`` heading of operations.md,
-    keyed by each backticked name of the first column."""
-    heading = re.compile(r"^##\s+(.+?)\s*$")
+    """First two columns of the table under the ``##`` or ``###`` heading ``section`` of
+    operations.md, keyed by each backticked name of the first column."""
+    heading = re.compile(r"^#{2,3}\s+(.+?)\s*$")
     body = _sections(OPERATIONS.read_text(encoding="utf-8"), heading)[section]
     rows: dict[str, str] = {}
     for line in body:
@@ -134,11 +138,22 @@ def test_manifest_schema_table_has_every_outcome_field_with_its_type() -> None:
 def test_summary_table_has_every_key_a_run_writes(tmp_path: Path) -> None:
     state = RunState(tmp_path / "out")
     state.open(["-"])
-    summary = RunReport(state).finish(None, 0, 0, True, [])
+    task = {"index": 0, "count": 2, "source": "run.shard_index"}  # a task of a split job
+    summary = RunReport(state).finish(None, 0, 0, True, [], task=task)
     state.unlock()
     keys = {k for k in summary if k != "this_run"} | {f"this_run.{k}" for k in summary["this_run"]}
     keys.add("archived")  # previous-runs/*/summary.json only
     assert set(_table("summary.json")) == keys
+
+
+def test_merged_summary_table_has_every_key_a_merge_writes(tmp_path: Path) -> None:
+    task = tmp_path / TASKS_DIR / task_name(0, 1)
+    task.mkdir(parents=True)
+    (task / MANIFEST).write_text("", encoding="utf-8")
+    (task / SUMMARY).write_text('{"exit_code": 0, "input_complete": true}', encoding="utf-8")
+    summary = merge(tmp_path)
+    counts = set(counts_of(Totals()))
+    assert set(_table("summary.json of a split job")) | counts == set(summary)
 
 
 def test_exit_code_table_matches_the_code() -> None:
