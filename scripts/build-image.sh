@@ -68,7 +68,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # One build at a time on this machine (two test runs, say): they share podman's storage.
-exec 9> /run/lock/imgdl-build-image.lock
+lockdir=/run/lock
+[ -d "$lockdir" ] || lockdir=/tmp
+exec 9> "$lockdir/imgdl-build-image.lock"
 flock --timeout 1200 9 || { say "another build held the lock for 20 minutes"; exit 1; }
 
 # -- the base image -------------------------------------------------------------------

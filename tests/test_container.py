@@ -161,6 +161,8 @@ def test_image_runs_a_fetch_as_a_non_root_user(
         "/data/urls.txt",
         "-o",
         "/data/out",
+        "--log-level",
+        "debug",  # the workers log each shard's start and end: their logs are exported
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-4000:]
@@ -197,7 +199,13 @@ def test_image_runs_a_fetch_as_a_non_root_user(
     # every worker exported its URL spans through the collector on the host
     assert len(_worker_pids(receiver)) == 2
     assert len([s for s in receiver.spans() if s.name == "GET"]) == 60
+    assert {r.role for r in receiver.logs()} == {"parent", "worker"}
+    assert {p.role for p in receiver.points()} >= {"worker"}
     assert not receiver.errors, receiver.errors
+    print(
+        f"full run: received {len(receiver.logs())} logs, {len(receiver.spans())} spans, "
+        f"{len(receiver.points())} metric points"
+    )
 
 
 def test_podman_stop_mid_run_exits_143_with_a_consistent_manifest(
@@ -219,7 +227,10 @@ def test_podman_stop_mid_run_exits_143_with_a_consistent_manifest(
     )
     assert started.returncode == 0, started.stderr
     # both workers have finished a shard (each shard end flushes its telemetry)
-    wait_for(lambda: len(_worker_pids(receiver)) == 2, timeout=60)
+    try:
+        wait_for(lambda: len(_worker_pids(receiver)) == 2, timeout=60)
+    except AssertionError:
+        pytest.fail(f"no spans from two workers: {_podman('logs', container).stderr[-4000:]}")
 
     top = _podman("top", container, "pid", "user", "args")
     assert top.returncode == 0, top.stderr
