@@ -180,8 +180,8 @@ def test_image_runs_a_fetch_as_a_non_root_user(
         "run",
         "--rm",
         *_run_flags(),
-        "-v",
-        f"{config}:/config/imgdl.yaml:ro",
+        *("--network", "none"),
+        *("--volume", f"{config}:/config/imgdl.yaml:ro"),
         image,
         "config",
         "show",
@@ -190,15 +190,19 @@ def test_image_runs_a_fetch_as_a_non_root_user(
     allow = next(line for line in shown.stdout.splitlines() if line.startswith("network.allow"))
     assert "127.0.0.0/8" in allow and "config /config/imgdl.yaml" in allow, allow
 
-    identity = _podman("run", "--rm", *_run_flags(), "--entrypoint", "id", image, "-u")
+    identity = _podman(
+        "run", "--rm", *_run_flags(), "--network", "none", "--entrypoint", "id", image, "-u"
+    )
     assert identity.returncode == 0, identity.stderr
     assert identity.stdout.strip() == str(UID)
     assert _podman("image", "inspect", "--format", "{{.Config.User}}", image).stdout.strip() == (
         f"{UID}:{UID}"
     )
-    # every worker exported its URL spans through the collector on the host
-    assert len(_worker_pids(receiver)) == 2
-    assert len([s for s in receiver.spans() if s.name == "GET"]) == 60
+    # the workers exported a span per URL through the collector on the host (one
+    # worker may have done every shard: 60 fast URLs are over before a slow start)
+    url_spans = [s for s in receiver.spans() if s.name == "GET"]
+    assert len(url_spans) == 60
+    assert {s.role for s in url_spans} == {"worker"}
     assert {r.role for r in receiver.logs()} == {"parent", "worker"}
     assert {p.role for p in receiver.points()} >= {"worker"}
     assert not receiver.errors, receiver.errors
