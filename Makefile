@@ -1,10 +1,12 @@
 # The two commands of the README:
 #   make demo   install, then run imgdl on the bundled sample images served on 127.0.0.1
 #   make test   install, then lint, type-check and run the tests
+# and, after a change to a setting in downloader/settings.py:
+#   make docs   regenerate docs/configuration.md and config/imgdl.yaml from it
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint docs
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -14,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) examples/demo.py
+
+docs: install
+	$(PY) -m downloader.configdoc --write
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -25,6 +25,14 @@ Exit codes:
   143  terminated by SIGTERM
 """
 
+
+def _examples(*lines: str) -> str:
+    """An "Examples:" block that click prints as written (``\\b``: no rewrapping).
+
+    Every command has one: tests/test_cli.py fails for a command without."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines) + "\n"
+
+
 #: flag name → (dotted setting, click type, help)
 _OVERRIDES: list[tuple[str, str, Any, str]] = [
     (
@@ -188,14 +196,53 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+_CLI_EXAMPLES = _examples(
+    "imgdl fetch urls.txt                     # download into ./images",
+    "imgdl fetch --dry-run urls.csv           # check lines and settings first, offline",
+    "imgdl fetch out/failures.txt -o out      # retry what failed",
+    "imgdl report out                         # out/report.html: the run as charts",
+    "imgdl config validate my.yaml            # every problem of a config file",
+    "imgdl config show --config my.yaml       # the settings and where each came from",
+    "imgdl fetch --help                       # more on one command",
+)
+
+
+@click.group(
+    epilog=f"{_CLI_EXAMPLES}\n{EXIT_CODES_HELP}",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="imgdl")
 def cli() -> None:
     """imgdl: download lists of image URLs, fast, politely, without losing any."""
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+_FETCH_EXAMPLES = _examples(
+    "imgdl fetch urls.txt                              # into ./images",
+    "imgdl fetch --dry-run urls.txt                    # counts, invalid lines, duplicates",
+    "zcat list.csv.gz | imgdl fetch - --url-column image_url -o out",
+    "imgdl fetch a.txt b.jsonl -o out --rate 20 --per-host-connections 4",
+    "imgdl fetch out/failures.txt -o out               # retry what failed",
+    "imgdl fetch urls.txt -o out --report              # also writes out/report.html",
+    "IMGDL_NETWORK_ALLOW=127.0.0.0/8 imgdl fetch local.txt   # a server on this machine",
+)
+_DRY_RUN_EXIT_CODES = """\b
+With --dry-run, the exit code is:
+  0    every line holds a URL a run would fetch (duplicates included)
+  1    some lines would fail before any request: invalid URL or name, name
+       collision, or an input that breaks off (the report lists the first ones)
+  2    usage or configuration error, as above
+"""
+
+
+@cli.command(epilog=f"{_FETCH_EXAMPLES}\n{EXIT_CODES_HELP}\n{_DRY_RUN_EXIT_CODES}")
 @click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Read INPUTS and the settings as a run would and report lines, URLs to fetch, "
+    "duplicates, invalid lines (file:line and why) and hosts, on stdout. No request "
+    "is made and nothing is written.",
+)
 @_setting_options
 @click.option(
     "-q",
@@ -207,16 +254,14 @@ def cli() -> None:
 )
 @click.option("--report", "html_report", is_flag=True, help="Also write OUTDIR/report.html.")
 @_user_errors
-def fetch(inputs: tuple[str, ...], config_file: Path | None, quiet: bool, **params: Any) -> None:
+def fetch(
+    inputs: tuple[str, ...], config_file: Path | None, dry_run: bool, quiet: bool, **params: Any
+) -> None:
     """Download every URL of INPUTS (txt, csv, tsv, jsonl, optionally .gz; '-' is stdin).
 
     Writes the images to OUTDIR, and OUTDIR/manifest.jsonl (one record per
     input line), OUTDIR/failures.txt (failed URLs, re-feedable as input) and
     OUTDIR/summary.json.
-
-    \b
-    Example:
-      imgdl fetch urls.txt -o out/ --report     # also writes out/report.html
     """
     from downloader import tasks
     from downloader.runner import Runner
@@ -232,6 +277,12 @@ def fetch(inputs: tuple[str, ...], config_file: Path | None, quiet: bool, **para
     configure_logging(settings.log.level, settings.log.format)
     task = tasks.resolve(settings)
     opened = open_inputs(inputs, settings.input, settings.s3)
+    if dry_run:
+        from downloader.dryrun import dry_run as check_offline
+
+        report = check_offline(settings, opened, task)
+        click.echo(report.text())
+        sys.exit(report.exit_code)
     runner = Runner(settings, opened, task)
     with Telemetry("parent", task.index if task else None):
         exit_code, summary = runner.run()
@@ -311,16 +362,37 @@ def merge(outdir: Path) -> None:
     sys.exit(summary["exit_code"])
 
 
-@cli.group()
+@cli.group(
+    epilog=_examples(
+        "imgdl config show                        # defaults, IMGDL_* variables and flags",
+        "imgdl config show --config my.yaml --rate 5",
+        "imgdl config validate my.yaml            # every problem, with its line",
+    )
+)
 def config() -> None:
-    """Inspect the settings."""
+    """Inspect and check the settings.
+
+    docs/configuration.md describes every key: its default, IMGDL_* variable,
+    flag and meaning.
+    """
 
 
-@config.command("show")
+@config.command(
+    "show",
+    epilog=_examples(
+        "imgdl config show --config my.yaml",
+        "IMGDL_HTTP_CONCURRENCY=32 imgdl config show --concurrency 16   # the flag wins",
+        "imgdl config show | grep '^limits'",
+    ),
+)
 @_setting_options
 @_user_errors
 def config_show(config_file: Path | None, **params: Any) -> None:
-    """Print the effective settings and where each value came from."""
+    """Print the effective settings and where each value came from.
+
+    Precedence, highest first: flags, IMGDL_* environment variables, the
+    config file (--config or IMGDL_CONFIG), defaults.
+    """
     effective = _effective(config_file, params)
     width = max(len(k) for k in settings_mod.KEYS)
     resolved = {
@@ -332,6 +404,40 @@ def config_show(config_file: Path | None, **params: Any) -> None:
         if value is None and key in resolved:
             source = f"{source}: {resolved[key]}"
         click.echo(f"{key:<{width}}  {shown:<40}  # {source}")
+
+
+@config.command(
+    "validate",
+    epilog=_examples(
+        "imgdl config validate my.yaml",
+        "imgdl config validate my.yaml && imgdl fetch urls.txt --config my.yaml",
+    )
+    + """
+\b
+Exit codes:
+  0    the file is valid (one line: FILE: OK)
+  2    it has problems, or cannot be read
+""",
+)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def config_validate(file: Path) -> None:
+    """Check a YAML config file and list every problem in it.
+
+    Each problem is one line, FILE:LINE: KEY: what is wrong (and how to fix it),
+    in the order of the file: unknown keys and sections (with the likely key),
+    values of the wrong type or out of range, YAML syntax errors. The checks are
+    those of every command that reads a config file; the file is checked on
+    its own, without IMGDL_* variables or flags.
+    """
+    problems = settings_mod.validate_file(file)
+    if not problems:
+        click.echo(f"{file}: OK")
+        return
+    for problem in problems:
+        click.echo(str(problem))
+    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+    click.echo(f"imgdl: error: {file}: {count}", err=True)
+    sys.exit(EXIT_USAGE)
 
 
 def main() -> None:

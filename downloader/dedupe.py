@@ -11,15 +11,20 @@ file (``path``). If the first failed, the duplicate fails with the same reason.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from downloader.errors import UnsafeNameError
 from downloader.outcomes import Job, Outcome, Reason, Status
 from downloader.state import LineSet
+
+if TYPE_CHECKING:
+    from downloader.settings import Settings
 
 _COMMIT_EVERY = 10_000
 _INSERT_BATCH = 1_000
@@ -54,6 +59,30 @@ def resolve(job: Job, first: Outcome) -> Outcome:
 
 class Duplicates:
     """Decides, line by line, whether a job is the first of its URL in this run."""
+
+    @classmethod
+    def for_run(
+        cls,
+        path: Path,
+        record: Callable[[Outcome], None],
+        settings: Settings,
+        case_blind: Callable[[], bool],
+    ) -> Duplicates:
+        """The rules of a run with these settings: a real run and a dry run both build
+        theirs here, so the dry run counts what the run would do. Names are checked
+        for collisions only where two URLs can get the same one; ``case_blind`` (asked
+        only then) tells whether the output folder's file system ignores case."""
+        # Imported here: storage pulls in aiofiles, which `imgdl --help` need not load.
+        from downloader.storage import names_may_collide, stem_for
+
+        template = settings.output.name_template
+        check_names = names_may_collide(template, settings.input.name_column)
+        return cls(
+            path,
+            record,
+            functools.partial(stem_for, template=template) if check_names else None,
+            fold_case=check_names and case_blind(),
+        )
 
     def __init__(
         self,
@@ -194,6 +223,12 @@ class Duplicates:
                 url, label, line, name = json.loads(raw)
                 self._record(resolve(Job(url=url, input=label, line=line, name=name), outcome))
             self._db.execute("DELETE FROM waiting WHERE h = ?", (h,))
+
+    def discard(self) -> None:
+        """Close without recording the lines still waiting (a dry run, whose first lines
+        never get an outcome): ``close`` would load them all to record them."""
+        self._db.execute("COMMIT")
+        self._db.close()
 
     def close(self) -> None:
         """Duplicates whose first line never got an outcome (a stopped run) are interrupted."""

@@ -85,10 +85,11 @@ class Feed:
             self._pushed_bytes = saved_bytes
 
 
-def count_lines(paths: Iterable[str]) -> int | None:
+def count_lines(paths: Iterable[str], tasks: int = 1) -> int | None:
     """Lines in the input files, for an estimate of the total (blank lines, comments
-    and CSV headers included; the exact count replaces it once the input is read).
-    None for standard input, which cannot be read twice."""
+    and CSV headers included; the exact count replaces it once the input is read);
+    a task of a split job takes about 1/``tasks`` of them. None for standard input,
+    which cannot be read twice."""
     total = 0
     for path in paths:
         if path == "-" or is_s3(path):  # an object would be read twice
@@ -96,7 +97,7 @@ def count_lines(paths: Iterable[str]) -> int | None:
         with open_binary(path) as handle:  # gzip undone, as the reader does
             while chunk := handle.read(1 << 20):
                 total += chunk.count(b"\n")
-    return total
+    return total // tasks
 
 
 class Progress:

@@ -54,7 +54,7 @@ from downloader.state import (
     Validators,
     read_lines,
 )
-from downloader.storage import case_insensitive, names_may_collide, stem_for
+from downloader.storage import case_insensitive, names_may_collide
 from downloader.tasks import TaskSlice
 from downloader.telemetry import get_logger
 from downloader.validate import require_pillow
@@ -296,14 +296,12 @@ class Runner:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
-        output = self.settings.output
-        check_names = names_may_collide(output.name_template, self.settings.input.name_column)
-        report.duplicates = Duplicates(
+        report.duplicates = Duplicates.for_run(
             self.state.dir / "dedupe.sqlite",
             report.record,
-            functools.partial(stem_for, template=output.name_template) if check_names else None,
+            self.settings,
             # object keys are case-sensitive
-            fold_case=check_names and self.target is None and case_insensitive(self.outdir),
+            case_blind=lambda: self.target is None and case_insensitive(self.outdir),
         )
         reader = read_in_background(
             self.inputs, buffered=2 * self.settings.run.shard_size, poll=POLL_SECONDS
@@ -389,7 +387,7 @@ class Runner:
             terminal=sys.stderr.isatty(),
             interval=self.settings.log.progress_interval,
             lines=lambda: (lines.carried, lines.count if lines.exhausted else None),
-            estimate=functools.partial(count_lines, paths),
+            estimate=functools.partial(count_lines, paths, self.task.count if self.task else 1),
         )
         report.on_own_outcome = progress.record
         return progress.start()

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
+import pydantic_core
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 from downloader import __version__
 from downloader.errors import ConfigError
@@ -36,19 +38,44 @@ class _Section(BaseModel):
 
 
 class InputSettings(_Section):
-    format: Literal["auto", "txt", "csv", "tsv", "jsonl"] = "auto"
-    url_column: str = Field("url", min_length=1)
-    name_column: str | None = None
+    """The input lists: their format, and where in a line the URL and the name are."""
+
+    format: Literal["auto", "txt", "csv", "tsv", "jsonl"] = Field(
+        "auto",
+        description="Format of the input lists: auto (from the file name, else sniffed from "
+        "the first line), txt, csv, tsv or jsonl. gzip is detected from the bytes.",
+    )
+    url_column: str = Field(
+        "url",
+        min_length=1,
+        description="CSV/TSV column, or JSON Lines key, that holds the URL.",
+    )
+    name_column: str | None = Field(
+        None,
+        description="CSV/TSV column, or JSON key, whose value names the saved file (a "
+        "relative path without extension; the extension of the detected image type is "
+        "added). null: names come from output.name_template.",
+    )
 
 
 class OutputSettings(_Section):
+    """Where the images and the run's records go, and how the images are named."""
+
     dir: str = Field(
         "images",
         min_length=1,
-        description="Where the images go: a local folder, or s3://BUCKET/PREFIX for an "
-        "S3-compatible object store (pip install 'imgdl[s3]'; see the s3 section).",
+        description="Where the images go: a local folder (with manifest.jsonl, failures.txt, "
+        "summary.json), or s3://BUCKET/PREFIX for an S3-compatible object store (pip "
+        "install 'imgdl[s3]'; see the s3 section).",
     )
-    name_template: str = "{url_hash:.3}/{url_hash}"
+    name_template: str = Field(
+        "{url_hash:.3}/{url_hash}",
+        description="Name of each saved file, relative to output.dir, without extension. "
+        "Fields: {url_hash} (128-bit hash of the URL, stable across runs), {host}, "
+        "{basename} (last path segment of the URL, sanitised), {input} (input file name "
+        "without suffixes), {line}. Python format specs apply: {url_hash:.3} is the first "
+        "3 characters. The default fans files out into 4,096 folders.",
+    )
 
 
 class S3Settings(_Section):
@@ -102,30 +129,121 @@ class S3Settings(_Section):
 
 
 class RunSettings(_Section):
-    processes: int | None = Field(None, ge=1, le=512)
-    shard_size: int = Field(1000, ge=1, le=1_000_000)
-    shards_in_flight: int | None = Field(None, ge=1, le=10_000)
-    shard_attempts: int = Field(2, ge=1, le=10)
-    shard_linger: float = Field(2.0, gt=0)
-    revalidate: bool = False
-    grace_period: float = Field(20.0, ge=0)
-    shard_index: int | None = Field(None, ge=0)
-    shard_count: int | None = Field(None, ge=1, le=100_000)
+    """How the work is cut into shards and spread over worker processes."""
+
+    processes: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="Worker processes. null: as many as the CPUs this process may use.",
+    )
+    shard_size: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="URLs per shard: the unit of work handed to a worker process.",
+    )
+    shards_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Shards submitted at once; bounds the parent's memory. null: 2 x processes.",
+    )
+    shard_attempts: int = Field(
+        2,
+        ge=1,
+        le=10,
+        description="Attempts of a shard whose worker process died (SIGKILL, out of "
+        "memory) before its unfinished URLs are recorded as worker_crashed.",
+    )
+    shard_linger: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds a partial shard waits for more lines before it goes out "
+        "anyway, so a slow input (a pipe yielding a URL now and then) makes progress.",
+    )
+    revalidate: bool = Field(
+        False,
+        description="Ask servers again about images an earlier run saved, with the ETag / "
+        "Last-Modified kept in the manifest: 304 keeps the file (not_modified), 200 "
+        "replaces it. false: lines done earlier are not fetched again at all.",
+    )
+    grace_period: float = Field(
+        20.0,
+        ge=0,
+        description="Seconds that downloads in flight may take to finish after SIGTERM/SIGINT.",
+    )
+    shard_index: int | None = Field(
+        None,
+        ge=0,
+        description="This task's index (0..shard_count-1) when an orchestrator runs N "
+        "tasks of one job: the task takes the lines whose URL hashes to its index, keeps "
+        "its records in OUTDIR/tasks/task-IIIII-of-NNNNN/ (join them with imgdl merge "
+        "OUTDIR), and takes 1/N of the limits. null: from JOB_COMPLETION_INDEX "
+        "(Kubernetes; set IMGDL_RUN_SHARD_COUNT too), AWS_BATCH_JOB_ARRAY_INDEX or "
+        "CLOUD_RUN_TASK_INDEX; none set: one task takes everything.",
+    )
+    shard_count: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="The number N of tasks that split the job (see shard_index). null: "
+        "from AWS_BATCH_JOB_ARRAY_SIZE or CLOUD_RUN_TASK_COUNT.",
+    )
 
 
 class HttpSettings(_Section):
-    concurrency: int = Field(64, ge=1, le=10_000)
-    connect_timeout: float = Field(10.0, gt=0)
-    read_timeout: float = Field(30.0, gt=0)
-    total_timeout: float = Field(120.0, gt=0)
-    min_speed: int = Field(1024, ge=0)
-    dns_cache_ttl: int = Field(300, ge=0)
-    user_agent: str = Field(DEFAULT_USER_AGENT, min_length=1)
-    max_redirects: int = Field(5, ge=0, le=100)
+    """Requests: how many at once, how long they may take, what they say about us."""
+
+    concurrency: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Downloads in flight per worker process (also its connection pool size).",
+    )
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to open a connection.")
+    read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for each read.")
+    total_timeout: float = Field(120.0, gt=0, description="Seconds for a whole request.")
+    min_speed: int = Field(
+        1024,
+        ge=0,
+        description="Slowest body accepted, in bytes per second, measured over each "
+        "read_timeout window: a server dripping bytes cannot hold a connection for long. "
+        "0: no floor.",
+    )
+    dns_cache_ttl: int = Field(
+        300, ge=0, description="Seconds DNS answers are cached; 0 turns the cache off."
+    )
+    user_agent: str = Field(
+        DEFAULT_USER_AGENT,
+        min_length=1,
+        description="User-Agent sent with every request: it names imgdl, its version and "
+        "where to learn about it, so that site owners can tell who is fetching.",
+    )
+    max_redirects: int = Field(
+        5,
+        ge=0,
+        le=100,
+        description="Redirects followed per request; more is too_many_redirects. Every hop "
+        "must be http or https and pass the network policy.",
+    )
 
 
 class NetworkSettings(_Section):
-    allow: list[str] = Field(default_factory=list, max_length=1000)
+    """Which addresses imgdl may connect to."""
+
+    allow: list[str] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Networks imgdl may connect to although they are not public. By "
+        "default every address that is not globally routable is refused "
+        "(blocked_address): loopback, private ranges, link-local 169.254.0.0/16 where "
+        "cloud metadata services hand out credentials, carrier-grade NAT, multicast, "
+        "reserved; IPv4 and IPv6. A URL list is untrusted input: without this guard, one "
+        "line (or one redirect) could make imgdl read a cloud account's secrets or an "
+        "intranet page into the output. Example for a server on this machine: "
+        '[127.0.0.0/8, "::1/128"].',
+    )
 
     @pydantic.field_validator("allow")
     @classmethod
@@ -134,26 +252,67 @@ class NetworkSettings(_Section):
             try:
                 ipaddress.ip_network(network, strict=False)
             except ValueError as exc:
-                raise ValueError(f"not a network: {network!r} ({exc})") from None
+                raise ValueError(
+                    f"not a network: {network!r} ({exc}); write an address or a network "
+                    "such as 10.0.0.0/8 or ::1/128"
+                ) from None
         return value
 
 
 class TlsSettings(_Section):
-    verify: bool = True
-    ca_bundle: Path | None = None
+    """Certificate checks of https URLs."""
+
+    verify: bool = Field(
+        True,
+        description="Verify certificates (always, unless you set false: then imgdl warns "
+        "at start).",
+    )
+    ca_bundle: Path | None = Field(
+        None,
+        description="Extra CA certificates to trust besides the system's: a PEM file or a "
+        "folder prepared with c_rehash/openssl rehash. null: the system's only.",
+    )
 
 
 class HostLimits(_Section):
-    rate: float | None = Field(None, gt=0)
-    connections: int | None = Field(None, ge=1, le=10_000)
+    """The limits of one host in ``limits.hosts``."""
+
+    rate: float | None = Field(
+        None, gt=0, description="Requests per second to this host. null: per_host_rate."
+    )
+    connections: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Connections open at once to this host. null: per_host_connections.",
+    )
 
 
 class LimitsSettings(_Section):
-    rate: float | None = Field(None, gt=0)
-    per_host_rate: float | None = Field(None, gt=0)
-    per_host_connections: int = Field(0, ge=0, le=10_000)
-    burst: int = Field(1, ge=1, le=10_000)
-    hosts: dict[str, HostLimits] = Field(default_factory=dict)
+    """Every limit here holds for the whole run, across all worker processes (shared
+    memory, see docs/architecture.md)."""
+
+    rate: float | None = Field(
+        None, gt=0, description="Requests per second for the whole run. null: no limit."
+    )
+    per_host_rate: float | None = Field(
+        None, gt=0, description="Requests per second to each host. null: no limit."
+    )
+    per_host_connections: int = Field(
+        0, ge=0, le=10_000, description="Connections open at once to each host; 0: no limit."
+    )
+    burst: int = Field(
+        1,
+        ge=1,
+        le=10_000,
+        description="Requests that may go out back to back before the rates apply; "
+        "1: evenly spaced.",
+    )
+    hosts: dict[str, HostLimits] = Field(
+        default_factory=dict,
+        description="Per-host overrides of per_host_rate / per_host_connections, by host "
+        "name, e.g. {images.example.com: {rate: 2, connections: 4}}.",
+    )
 
     @pydantic.field_validator("hosts")
     @classmethod
@@ -167,12 +326,31 @@ class LimitsSettings(_Section):
 
 
 class RetrySettings(_Section):
-    attempts: int = Field(3, ge=1, le=100)
-    backoff_base: float = Field(0.5, ge=0)
-    backoff_max: float = Field(30.0, ge=0)
-    retry_after_max: float = Field(120.0, ge=0)
+    """Which failures are tried again, how often, and how long to wait in between."""
+
+    attempts: int = Field(
+        3, ge=1, le=100, description="Tries per URL, the first included; 1: never retry."
+    )
+    backoff_base: float = Field(
+        0.5,
+        ge=0,
+        description="Wait before try n+1: uniform in [0, min(backoff_max, backoff_base * "
+        '2^(n-1))] s ("full jitter"), raised to the server\'s Retry-After (seconds or '
+        "HTTP date).",
+    )
+    backoff_max: float = Field(
+        30.0, ge=0, description="Longest wait before a try, in seconds (see backoff_base)."
+    )
+    retry_after_max: float = Field(
+        120.0,
+        ge=0,
+        description="Longest Retry-After honoured, in seconds; a longer one is cut to this.",
+    )
     statuses: list[int] = Field(
-        default_factory=lambda: [408, 425, 429, 500, 502, 503, 504], max_length=100
+        default_factory=lambda: [408, 425, 429, 500, 502, 503, 504],
+        max_length=100,
+        description="HTTP statuses that are retried; other 4xx/5xx fail at once. Timeouts, "
+        "connection errors, truncated bodies and protocol errors are always retried.",
     )
 
     @pydantic.field_validator("statuses")
@@ -180,34 +358,87 @@ class RetrySettings(_Section):
     def _http_statuses(cls, value: list[int]) -> list[int]:
         bad = [s for s in value if not 100 <= s <= 599]
         if bad:
-            raise ValueError(f"not HTTP status codes: {bad}")
+            raise ValueError(f"not HTTP status codes: {bad} (a status is 100 to 599)")
         return value
 
 
 class MannersSettings(_Section):
+    """What site owners asked of robots, and our name when they ask us by name."""
+
     opt_out: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
         max_length=100,
+        description="X-Robots-Tag directives that opt an image out: an image whose "
+        "response carries one (for all agents, or for robots_token) is not kept, reason "
+        "opted_out. [] turns this off.",
     )
-    robots_token: str = Field("imgdl", min_length=1)
+    robots_token: str = Field(
+        "imgdl",
+        min_length=1,
+        description='Our name in agent-specific directives, e.g. "X-Robots-Tag: imgdl: noai".',
+    )
 
 
 class ValidateSettings(_Section):
-    max_bytes: int = Field(50 * 1024 * 1024, ge=1)
-    allow_svg: bool = False
-    decode: bool = False
-    max_pixels: int = Field(89_478_485, ge=1)
-    min_width: int = Field(0, ge=0)
-    min_height: int = Field(0, ge=0)
-    max_width: int = Field(0, ge=0)
-    max_height: int = Field(0, ge=0)
+    """What is kept: size caps, file types, and (with decode) pixel checks."""
+
+    max_bytes: int = Field(
+        50 * 1024 * 1024,
+        ge=1,
+        description="Largest image kept, in bytes (50 MiB); larger ones end as too_large, "
+        "whether the server says so in Content-Length, sends more than it said, or sends "
+        "a compressed body that inflates past it.",
+    )
+    allow_svg: bool = Field(
+        False,
+        description="Keep SVG files. Off: SVG can carry scripts, and is then not_an_image.",
+    )
+    decode: bool = Field(
+        False,
+        description="Decode every image fully with Pillow (pip install 'imgdl[decode]') "
+        "before keeping it: decode_error for corrupt files. max_pixels and the width and "
+        "height filters apply only with decode on.",
+    )
+    max_pixels: int = Field(
+        89_478_485,
+        ge=1,
+        description="Most pixels (width x height) an image may have: decompression_bomb above.",
+    )
+    min_width: int = Field(
+        0, ge=0, description="Smallest width kept, in pixels (too_small); 0: no limit."
+    )
+    min_height: int = Field(
+        0, ge=0, description="Smallest height kept, in pixels (too_small); 0: no limit."
+    )
+    max_width: int = Field(
+        0, ge=0, description="Largest width kept, in pixels (too_big); 0: no limit."
+    )
+    max_height: int = Field(
+        0, ge=0, description="Largest height kept, in pixels (too_big); 0: no limit."
+    )
 
 
 class LogSettings(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
-    progress: bool = True
-    progress_interval: float = Field(10.0, gt=0)
+    """The log lines on stderr, and the progress shown there."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level: debug, info, warning or error."
+    )
+    format: Literal["auto", "json", "console"] = Field(
+        "auto",
+        description="auto (readable on a terminal, JSON lines otherwise), json or console.",
+    )
+    progress: bool = Field(
+        True,
+        description="Live progress on stderr (--quiet turns it off): a bar on a terminal "
+        "(images/s, MB/s, failures by reason, ETA once the number of lines is known), "
+        'else a JSON "progress" log line every progress_interval s.',
+    )
+    progress_interval: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between two progress log lines when stderr is not a terminal.",
+    )
 
 
 class Settings(_Section):
@@ -261,6 +492,74 @@ _ENV_TO_KEY = {env_name(k): k for k in KEYS} | {
 }
 
 
+_TYPE_WORDS: dict[Any, str] = {
+    int: "integer",
+    float: "number",
+    bool: "true or false",
+    str: "text",
+    Path: "path",
+}
+
+
+def _type_words(annotation: Any) -> str:
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if isinstance(annotation, types.UnionType):
+        return " or ".join(_type_words(a) for a in args if a is not type(None)) + " or null"
+    if origin is list:
+        item = _type_words(args[0])
+        return f"list of {item if item == 'text' else item + 's'}"
+    if origin is dict and issubclass(args[1], BaseModel):
+        return f"mapping of host name to {{{', '.join(args[1].model_fields)}}}"
+    return _TYPE_WORDS.get(annotation, str(annotation))
+
+
+_SIDES = (("ge", ">="), ("gt", ">"), ("le", "<="))
+
+
+def _bounds(metadata: list[Any]) -> str:
+    found = {
+        attr: getattr(item, attr)
+        for item in metadata
+        for attr in ("ge", "gt", "le", "min_length", "max_length")
+        if getattr(item, attr, None) is not None
+    }
+    words = []
+    if "ge" in found and "le" in found:
+        words.append(f"{found['ge']} to {found['le']}")
+    else:
+        sides = [f"{op} {found[attr]}" for attr, op in _SIDES if attr in found]
+        if sides:
+            words.append(" and ".join(sides))
+    if found.get("min_length") == 1:
+        words.append("not empty")
+    if "max_length" in found:
+        words.append(f"at most {found['max_length']} items")
+    return ", ".join(words)
+
+
+def describe(field: FieldInfo) -> tuple[str, str]:
+    """A setting's type and allowed values in words: ``("integer", "1 to 10000")``.
+
+    Both the reference (docs/configuration.md) and the message about a bad value
+    say this, read from the model's own constraints so that neither can be wrong.
+    """
+    return _type_words(field.annotation), _bounds(field.metadata)
+
+
+def default_of(model: type[_Section], name: str) -> Any:
+    """A field's default as plain data (what YAML would hold)."""
+    return model().model_dump(mode="json")[name]
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as one line of YAML, quoted only where YAML needs it."""
+    text: str = yaml.safe_dump(value, default_flow_style=True, width=1 << 20)
+    return text.removesuffix("...\n").strip()
+
+
 @dataclasses.dataclass(frozen=True)
 class Effective:
     """The settings of a run and where each value came from."""
@@ -281,42 +580,164 @@ def _suggest(name: str, candidates: typing.Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _unknown_key(name: str, known: typing.Sequence[str], tail: str) -> str:
+    """``unknown key (did you mean 'x'? TAIL)``: the likely fix, then where to look."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown key ({hint}{tail})"
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Problem:
+    """One thing wrong with the settings, said so that the reader knows what to change.
+
+    Problems order by their line in the config file, so ``config validate`` lists
+    them top down.
+    """
+
+    line: int  # in the config file, from 1; 0: not from a file, or no line known
+    key: str  # dotted: "http.concurrency", "limits.hosts.a.example.rate"; "" for the file
+    message: str  # what is wrong, then how to fix it
+    source: str = dataclasses.field(default="default", compare=False)
+    file: Path | None = dataclasses.field(default=None, compare=False)
+
+    def __str__(self) -> str:
+        """``FILE:LINE: KEY: message`` for a config file (the form editors jump to),
+        ``KEY (from SOURCE): message`` for the environment and flags."""
+        if self.file is None:
+            return f"{self.key} (from {self.source}): {self.message}"
+        where = f"{self.file}:{self.line}" if self.line else str(self.file)
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+_MAX_DEPTH = 5  # limits.hosts.<host>.<key> is the deepest key; aliases may nest forever
+
+
+def _key_lines(node: yaml.Node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """The line of every key (and list item) of a YAML document, by its path."""
+    lines: dict[tuple[str, ...], int] = {}
+    if len(prefix) >= _MAX_DEPTH:
+        return lines
+    if isinstance(node, yaml.MappingNode):
+        items = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)]
+        children = [((*prefix, str(k.value)), k, v) for k, v in items]
+    elif isinstance(node, yaml.SequenceNode):
+        children = [((*prefix, str(i)), item, item) for i, item in enumerate(node.value)]
+    else:
+        return lines
+    for path, mark_node, value in children:  # a key given twice: YAML keeps the last
+        lines[path] = mark_node.start_mark.line + 1
+        lines.update(_key_lines(value, path))
+    return lines
+
+
+@dataclasses.dataclass
+class _FileLayer:
+    """What a config file sets, the line of each key, and what is wrong with it."""
+
+    path: Path
+    values: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lines: dict[tuple[str, ...], int] = dataclasses.field(default_factory=dict)
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+
+    @property
+    def source(self) -> str:
+        return f"config {self.path}"
+
+    def problem(self, loc: typing.Sequence[str], message: str, line: int = 0) -> Problem:
+        """A problem at ``loc``, on the line of its deepest key the file has."""
+        for depth in range(len(loc), 0, -1):
+            if line:
+                break
+            line = self.lines.get(tuple(loc[:depth]), 0)
+        return Problem(line, ".".join(loc), message, self.source, self.path)
+
+    def add(self, loc: typing.Sequence[str], message: str, line: int = 0) -> None:
+        self.problems.append(self.problem(loc, message, line))
+
+
+def _read_yaml(path: Path) -> _FileLayer:
+    """Read a config file, noting every unknown section or key (not only the first)."""
+    layer = _FileLayer(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        why = exc.strerror or exc
+        layer.add(
+            (), f"cannot read config file: {why} (check the path given to --config or IMGDL_CONFIG)"
+        )
+        return layer
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        layer.add((), "config file is not UTF-8 text (save it as UTF-8)", line)
+        return layer
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:  # an empty file: nothing set
+            return layer
+        data = loader.construct_document(node)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"config file {path}{where}: {problem}") from None
+        layer.add((), *_yaml_error(exc))
+        return layer
+    finally:
+        loader.dispose()
     if data is None:
-        return {}
+        return layer
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
-    flat: dict[str, Any] = {}
+        layer.add(
+            (),
+            "the top level must be a mapping of sections (write 'http:' and below it, "
+            "indented, 'concurrency: 8'; see config/imgdl.yaml)",
+            1,
+        )
+        return layer
+    layer.lines = _key_lines(node)
     for section, body in data.items():
         if section not in SECTIONS:
-            raise ConfigError(
-                f"config file {path}: unknown section '{section}'{_suggest(str(section), SECTIONS)}"
+            known = ", ".join(SECTIONS)
+            layer.add(
+                (str(section),),
+                f"unknown section{_suggest(str(section), SECTIONS)}; the sections are {known}",
             )
+            continue
         if body is None:
             continue
         if not isinstance(body, dict):
-            raise ConfigError(f"config file {path}: section '{section}' must be a mapping")
+            layer.add(
+                (section,),
+                f"section '{section}' must be a mapping of keys (indent them below "
+                f"'{section}:', one 'key: value' a line)",
+            )
+            continue
         for key, value in body.items():
             dotted = f"{section}.{key}"
             if dotted not in KEYS:
-                raise ConfigError(
-                    f"config file {path}: unknown key '{dotted}'{_suggest(dotted, KEYS)}"
+                layer.add(
+                    (section, str(key)),
+                    _unknown_key(dotted, KEYS, "`imgdl config show` lists every key"),
                 )
-            flat[dotted] = value
-    return flat
+                continue
+            layer.values[dotted] = value
+    return layer
+
+
+def _yaml_error(exc: yaml.YAMLError) -> tuple[str, int]:
+    """The message and line of a YAML syntax error."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f", {context} at line {context_mark.line + 1}"
+    if "'\\t'" in problem:
+        fix = "indent with spaces: YAML does not allow tabs"
+    else:
+        fix = "check the indentation and the quoting of this line and the ones above"
+    message = f"invalid YAML: {problem} ({fix})"
+    return message, mark.line + 1 if mark is not None else 0
 
 
 def _is_plain_str(key: str) -> bool:
@@ -341,7 +762,10 @@ def _read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
             continue
         key = _ENV_TO_KEY.get(name)
         if key is None:
-            raise ConfigError(f"unknown environment variable {name}{_suggest(name, _ENV_TO_KEY)}")
+            raise ConfigError(
+                f"unknown environment variable {name}{_suggest(name, _ENV_TO_KEY)}; the names "
+                "are IMGDL_<SECTION>_<KEY> of the keys `imgdl config show` lists"
+            )
         if _is_plain_str(key):
             value: Any = raw
         else:
@@ -355,6 +779,88 @@ def _read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     return out
 
 
+class _Layers:
+    """Every key's value and where it came from: a file (with lines), env, flags."""
+
+    def __init__(self, file: _FileLayer | None = None) -> None:
+        self.file = file
+        self.values: dict[str, tuple[Any, str]] = {}
+        if file is not None:
+            self.values.update({k: (v, file.source) for k, v in file.values.items()})
+
+    def problem(self, loc: typing.Sequence[str], message: str) -> Problem:
+        """A problem with the value at ``loc``, said where that value was set."""
+        source = self.values.get(".".join(loc[:2]), (None, "default"))[1]
+        if self.file is not None and source == self.file.source:
+            return self.file.problem(loc, message)
+        return Problem(0, ".".join(loc), message, source)
+
+
+def _validate(layers: _Layers) -> tuple[Settings | None, list[Problem]]:
+    """Validate the layers; every problem, not only the first.
+
+    A key with a problem is set back to its default and the rest validated again,
+    so that the consistency checks (which need a whole model) still see the
+    other keys. ``load`` and ``validate_file`` both come here: they cannot drift.
+    """
+    problems: list[Problem] = []
+    values = dict(layers.values)
+    for _ in range(3):  # the second pass has only valid values (or defaults) left
+        nested: dict[str, dict[str, Any]] = {}
+        for key, (value, _source) in values.items():
+            section, name = key.split(".")
+            nested.setdefault(section, {})[name] = value
+        try:
+            settings = Settings.model_validate(nested)
+        except pydantic.ValidationError as exc:
+            for err in exc.errors():
+                loc = tuple(str(p) for p in err["loc"])
+                problems.append(layers.problem(loc, _explain(err, loc)))
+                bad = ".".join(loc[:2])
+                values = {k: v for k, v in values.items() if k != bad and k.split(".")[0] != bad}
+            continue
+        return settings, problems + _check_consistency(settings, layers)
+    return None, problems
+
+
+def _explain(err: pydantic_core.ErrorDetails, loc: tuple[str, ...]) -> str:
+    """pydantic's message, the value it got, and what would be accepted instead."""
+    if err["type"] == "extra_forbidden":
+        known = _nested_fields(list(loc))
+        return _unknown_key(loc[-1], known, f"the keys here are {', '.join(known) or 'none'}")
+    if err["type"] == "value_error":  # our validators say what is wrong and what to write
+        return err["msg"].removeprefix("Value error, ")
+    got = repr(err["input"])
+    message = f"{err['msg']}, got {got if len(got) <= 60 else got[:57] + '...'}"
+    field = _field_at(loc)
+    if field is None:
+        return message
+    model, name = field
+    kind, allowed = describe(model.model_fields[name])
+    expected = f"{kind}, {allowed}" if allowed else kind
+    return f"{message} (expected {expected}; default {yaml_value(default_of(model, name))})"
+
+
+def _field_at(loc: tuple[str, ...]) -> tuple[type[_Section], str] | None:
+    """The model and field name that a pydantic error location points into."""
+    if len(loc) < 2 or loc[0] not in SECTIONS:
+        return None
+    if loc[:2] == ("limits", "hosts") and len(loc) >= 4 and loc[3] in HostLimits.model_fields:
+        return HostLimits, loc[3]
+    if loc[1] in SECTIONS[loc[0]].model_fields:
+        return SECTIONS[loc[0]], loc[1]
+    return None
+
+
+def _one_line(problems: list[Problem], file: _FileLayer | None) -> str:
+    """The first problem, and how to see the others: the CLI prints one line."""
+    more = len(problems) - 1
+    if not more:
+        return str(problems[0])
+    how = f"; `imgdl config validate {file.path}` lists a file's problems" if file else ""
+    return f"{problems[0]} (and {more} more problem{'s' if more > 1 else ''}{how})"
+
+
 def load(
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -366,38 +872,27 @@ def load(
     ``{"http.concurrency": (64, "flag --concurrency")}``.
     """
     env = os.environ if env is None else env
-    layers: dict[str, tuple[Any, str]] = {}
     if config_file is None and env.get(CONFIG_ENV):
         config_file = Path(env[CONFIG_ENV])
-    if config_file is not None:
-        for key, value in _read_yaml(config_file).items():
-            layers[key] = (value, f"config {config_file}")
-    layers.update(_read_env(env))
+    file = _read_yaml(config_file) if config_file is not None else None
+    layers = _Layers(file)
+    layers.values.update(_read_env(env))
     for key, item in (overrides or {}).items():
         if key not in KEYS:
             raise ConfigError(f"unknown setting '{key}'{_suggest(key, KEYS)}")
-        layers[key] = item
+        layers.values[key] = item
+    settings, problems = _validate(layers)
+    problems = (file.problems if file else []) + problems
+    if problems or settings is None:
+        raise ConfigError(_one_line(problems, file))
+    return Effective(settings=settings, sources={k: src for k, (_, src) in layers.values.items()})
 
-    nested: dict[str, dict[str, Any]] = {}
-    for key, (value, _) in layers.items():
-        section, name = key.split(".")
-        nested.setdefault(section, {})[name] = value
-    try:
-        settings = Settings.model_validate(nested)
-    except pydantic.ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [str(p) for p in err["loc"]]
-        key = ".".join(loc[:2])
-        source = layers.get(key, (None, "default"))[1]
-        where = ".".join(loc)
-        if err["type"] == "extra_forbidden" and len(loc) > 2:
-            known = _nested_fields(loc)
-            msg = f"unknown key '{loc[-1]}'{_suggest(loc[-1], known)}"
-        else:
-            msg = err["msg"]
-        raise ConfigError(f"{where} (from {source}): {msg}") from None
-    _check_consistency(settings, layers)
-    return Effective(settings=settings, sources={k: src for k, (_, src) in layers.items()})
+
+def validate_file(path: Path) -> list[Problem]:
+    """Every problem of one config file on its own (no env, no flags), by line."""
+    file = _read_yaml(path)
+    _, problems = _validate(_Layers(file))
+    return sorted(file.problems + problems)
 
 
 def _nested_fields(loc: list[str]) -> list[str]:
@@ -407,7 +902,7 @@ def _nested_fields(loc: list[str]) -> list[str]:
     return []
 
 
-def _check_consistency(settings: Settings, layers: Mapping[str, tuple[Any, str]]) -> None:
+def _check_consistency(settings: Settings, layers: _Layers) -> list[Problem]:
     # Imported here: storage depends on settings' types only through plain values.
     from downloader.objstore import check_output
     from downloader.storage import check_template
@@ -418,9 +913,10 @@ def _check_consistency(settings: Settings, layers: Mapping[str, tuple[Any, str]]
         ("output.name_template", lambda: check_template(settings.output.name_template)),
         ("tls.ca_bundle", lambda: ssl_context(settings.tls)),
     )
+    problems: list[Problem] = []
     for key, check in checks:
         try:
             check()
         except ConfigError as exc:
-            source = layers.get(key, (None, "default"))[1]
-            raise ConfigError(f"{key} (from {source}): {exc}") from None
+            problems.append(layers.problem(key.split("."), str(exc)))
+    return problems

@@ -124,7 +124,10 @@ def open_binary(path: str, opened: IO[bytes] | None = None) -> IO[bytes]:
         try:
             raw = open(path, "rb")  # noqa: SIM115
         except OSError as exc:
-            raise InputError(f"cannot open input {path}: {exc.strerror or exc}") from None
+            raise InputError(
+                f"cannot open input {path}: {exc.strerror or exc} (check the path; "
+                "'-' reads standard input)"
+            ) from None
     try:
         head = b""
         while len(head) < 2:  # a pipe may hand over one byte at a time
@@ -166,7 +169,10 @@ def _lines(stream: IO[bytes], label: str) -> Iterator[_Line]:
             except UnicodeDecodeError:
                 yield _Line(number, None, "line is not valid UTF-8")
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise InputError(f"{label}: read failed after line {number}: {exc}") from None
+        raise InputError(
+            f"{label}: read failed after line {number}: {exc} (the lines before stand; "
+            "run the same command again once the file is whole)"
+        ) from None
 
 
 def _format_of(path: str, first: str | None, settings: InputSettings) -> str:
@@ -210,7 +216,8 @@ class InputList:
         if self.format == "jsonl" and first is not None and (first.text or "").lstrip()[:1] == "[":
             self.close()
             raise InputError(
-                f"{path} holds a JSON array; imgdl reads JSON Lines (one object a line)"
+                f"{path} holds a JSON array; imgdl reads JSON Lines (one object a line): "
+                f"convert it with jq -c '.[]' {path}"
             )
         self._header: list[str] = []
         #: Set when the input broke off mid-way (a cut gzip stream, an I/O error).
@@ -231,7 +238,9 @@ class InputList:
 
     def _read_header(self, line: _Line) -> None:
         if line.text is None:
-            raise InputError(f"{self.label}: the header line is not valid UTF-8")
+            raise InputError(
+                f"{self.label}: the header line is not valid UTF-8 (save the file as UTF-8)"
+            )
         self._header = next(
             csv.reader([line.text], delimiter=self._delimiter, skipinitialspace=True)
         )
@@ -241,7 +250,8 @@ class InputList:
                 raise InputError(
                     f"{self.label}: no column '{column}' in the header "
                     f"(columns: {', '.join(self._header) or 'none'}); "
-                    "set input.url_column / input.name_column"
+                    "name the right ones with --url-column / --name-column "
+                    "(input.url_column / input.name_column)"
                 )
 
     @property
@@ -320,9 +330,14 @@ def open_inputs(
     paths = list(paths)
     if paths.count(STDIN) > 1:
         raise InputError("standard input ('-') can be given only once")
-    real = [p if is_s3(p) else os.path.realpath(p) for p in paths if p != STDIN]
-    if len(set(real)) < len(real):
-        raise InputError("an input is given twice: each list can be given only once")
+    seen: dict[str, str] = {}
+    for path in (p for p in paths if p != STDIN):
+        real = path if is_s3(path) else os.path.realpath(path)
+        if real in seen:
+            raise InputError(
+                f"input {path} is given twice (as {seen[real]} too): give each list once"
+            )
+        seen[real] = path
     opened: list[InputList] = []
     try:
         for path in paths:

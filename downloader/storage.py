@@ -57,9 +57,14 @@ def check_template(template: str) -> None:
     try:
         parsed = [(f, c) for _, f, _, c in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
-        raise ConfigError(f"bad template {template!r}: {exc}") from None
+        raise ConfigError(
+            f"bad template {template!r}: {exc} (close each field with '}}'; "
+            "write '{{' or '}}' for a brace itself)"
+        ) from None
     if any(conversion for _, conversion in parsed):
-        raise ConfigError(f"bad template {template!r}: conversions like !r are not allowed")
+        raise ConfigError(
+            f"bad template {template!r}: conversions like !r are not allowed (remove them)"
+        )
     fields = {f for f, _ in parsed}
     unknown = {f.split(".")[0].split("[")[0] for f in fields} - TEMPLATE_FIELDS
     if unknown or any(not f or "." in f or "[" in f for f in fields):
@@ -69,7 +74,10 @@ def check_template(template: str) -> None:
     try:
         safe_relpath(template.format(**sample))
     except (ValueError, UnsafeNameError) as exc:
-        raise ConfigError(f"bad template {template!r}: {exc}") from None
+        raise ConfigError(
+            f"bad template {template!r}: {exc} (a name is a relative path that stays inside "
+            "output.dir, e.g. '{host}/{basename}')"
+        ) from None
 
 
 def template_fields(template: str) -> frozenset[str]:

@@ -34,5 +34,8 @@ def _with_bundle(bundle: Path) -> ssl.SSLContext:
         else:
             context.load_verify_locations(cafile=str(bundle))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load {bundle}: {exc}") from None
+        raise ConfigError(
+            f"cannot load {bundle}: {exc} (give a PEM file, or a folder prepared with "
+            "`openssl rehash`)"
+        ) from None
     return context

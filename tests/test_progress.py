@@ -175,3 +175,4 @@ def test_count_lines_estimates_plain_and_gzipped_lists(tmp_path: Path) -> None:
     packed.write_bytes(gzip.compress(plain.read_bytes()))
     assert count_lines([str(plain), str(packed)]) == 2000
     assert count_lines([str(plain), "-"]) is None
+    assert count_lines([str(plain)], tasks=4) == 250  # one task of four takes about 1/4

@@ -70,7 +70,7 @@ def test_unknown_config_key_names_key_and_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("nosuch:\n  a: 1\n", "unknown section 'nosuch'"),
+        ("nosuch:\n  a: 1\n", "bad.yaml:1: nosuch: unknown section"),
         ("http:\n  concurrency: lots\n", "http.concurrency"),
         ("http:\n  concurrency: 0\n", "greater than or equal to 1"),
         ("http: [1, 2]\n", "must be a mapping"),
@@ -82,7 +82,7 @@ def test_unknown_config_key_names_key_and_file(tmp_path: Path) -> None:
         ("limits:\n  hosts:\n    'a.example:8080': {rate: 1}\n", "without scheme, port"),
         (
             "limits:\n  hosts:\n    a.example: {rate: 1, conections: 2}\n",
-            "limits.hosts.a.example.conections .*did you mean 'connections'",
+            "bad.yaml:3: limits.hosts.a.example.conections: .*did you mean 'connections'",
         ),
     ],
 )
