@@ -337,9 +337,16 @@ def report_command(outdir: Path, output: Path | None) -> None:
 
 
 @cli.command()
-@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("outdir")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML config file, for the s3 settings of an s3:// OUTDIR [default: $IMGDL_CONFIG].",
+)
 @_user_errors
-def merge(outdir: Path) -> None:
+def merge(outdir: str, config_file: Path | None) -> None:
     """Join the records of the tasks of a split job into OUTDIR's manifest, failures
     and summary.
 
@@ -353,12 +360,20 @@ def merge(outdir: Path) -> None:
       imgdl fetch urls.txt -o out --shard-index 0 --shard-count 2
       imgdl fetch urls.txt -o out --shard-index 1 --shard-count 2
       imgdl merge out        # out/manifest.jsonl, failures.txt, summary.json
+      imgdl merge s3://images/run1   # the same, read from and written to the bucket
     """
-    from downloader.merge import merge as merge_tasks
-    from downloader.merge import merge_text
+    import tempfile
 
-    summary = merge_tasks(outdir)
-    click.echo(merge_text(summary, outdir), err=True)
+    from downloader import merge as merge_mod
+    from downloader import objstore
+
+    if objstore.is_s3(outdir):
+        settings = _effective(config_file, {}).settings
+        with tempfile.TemporaryDirectory(prefix="imgdl-merge-") as workdir:
+            summary = merge_mod.merge_bucket(outdir, settings.s3, Path(workdir))
+    else:
+        summary = merge_mod.merge(Path(outdir))
+    click.echo(merge_mod.merge_text(summary, outdir), err=True)
     sys.exit(summary["exit_code"])
 
 

@@ -307,28 +307,44 @@ def restore_records(store: S3Store, location: S3Location, records: Path) -> list
     """A local state folder that is gone (a new machine, a new container) gets the
     bucket's manifest and run.json back, so that the run resumes like one with its
     state: lines done earlier are carried over, not fetched or recorded again."""
-    obstore = require_obstore()
     if (records / "manifest.jsonl").exists() or (records / RUN_JSON).exists():
         return []
-    got = []
-    for name in ("manifest.jsonl", RUN_JSON):
-        target = records / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".download")
-        try:
-            result = obstore.get(store, location.key(name))
-            with open(tmp, "wb") as handle:
-                for chunk in result.stream(min_chunk_size=1 << 20):
-                    handle.write(chunk)
-        except FileNotFoundError:  # obstore's NotFoundError: nothing there to restore
-            tmp.unlink(missing_ok=True)
-            continue
-        except Exception as exc:
-            tmp.unlink(missing_ok=True)
-            raise ImgdlError(f"cannot read {location.url}/{name}: {describe(exc)}") from None
-        tmp.replace(target)
-        got.append(name)
-    return got
+    return [
+        name for name in ("manifest.jsonl", RUN_JSON) if download(store, location, name, records)
+    ]
+
+
+def download(store: S3Store, location: S3Location, name: str, folder: Path) -> bool:
+    """Copy the object ``name`` below ``location`` to ``folder/name``, streamed, whole or
+    not at all; False if there is no such object."""
+    obstore = require_obstore()
+    target = folder / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".download")
+    try:
+        result = obstore.get(store, location.key(name))
+        with open(tmp, "wb") as handle:
+            for chunk in result.stream(min_chunk_size=1 << 20):
+                handle.write(chunk)
+    except FileNotFoundError:  # obstore's NotFoundError: nothing there
+        tmp.unlink(missing_ok=True)
+        return False
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise ImgdlError(f"cannot read {location.url}/{name}: {describe(exc)}") from None
+    tmp.replace(target)
+    return True
+
+
+def folders_below(store: S3Store, location: S3Location) -> list[str]:
+    """The names of the "folders" right below ``location`` (common prefixes)."""
+    obstore = require_obstore()
+    prefix = location.key("")
+    try:
+        listed = obstore.list_with_delimiter(store, prefix or None)
+    except Exception as exc:
+        raise ImgdlError(f"cannot list {location.url}: {describe(exc)}") from None
+    return [str(p)[len(prefix) :].strip("/") for p in listed["common_prefixes"]]
 
 
 # -- inputs ---------------------------------------------------------------------------

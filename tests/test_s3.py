@@ -155,6 +155,43 @@ def test_full_run_then_resume_skips_every_object(server: DevServer, s3: S3, tmp_
     assert s3.images("run/one")[gone["path"]] == images[gone["path"]]
 
 
+def test_a_split_job_into_a_bucket_is_merged_there(
+    server: DevServer, s3: S3, tmp_path: Path
+) -> None:
+    urls = [f"{server.url}/i/{n}.jpg" for n in range(30)] + [f"{server.url}/status/404/1"]
+    listing = write_list(tmp_path / "urls.txt", urls)
+    target = f"s3://{s3.bucket}/job"
+    for index in range(2):  # two tasks, as on two machines: each its own state folder
+        result = run_cli(
+            "fetch",
+            str(listing),
+            "-o",
+            target,
+            "--state-dir",
+            str(tmp_path / f"state{index}"),
+            "--shard-index",
+            str(index),
+            "--shard-count",
+            "2",
+            env=s3.env,
+        )
+        assert result.returncode in (0, 1), result.stderr
+    merged = run_cli("merge", target, env=s3.env)
+    assert merged.returncode == 1, merged.stderr  # the 404
+    assert "merged 2 of 2 tasks: 31 lines, 30 saved" in merged.stderr
+    assert f"{target}/manifest.jsonl" in merged.stderr
+    objects = s3.keys("job")
+    manifest = [json.loads(line) for line in objects["manifest.jsonl"].decode().splitlines()]
+    assert sorted(r["line"] for r in manifest) == list(range(1, 32))
+    summary = json.loads(objects["summary.json"])
+    assert summary["tasks"] == {"count": 2, "merged": 2, "unfinished": {}}
+    assert objects["failures.txt"].decode().split() == [f"{server.url}/status/404/1"]
+    images = {k for k in s3.images("job") if not k.startswith("tasks/")}
+    assert len(images) == 30
+    for index in range(2):  # each task's own records are kept beside the merged ones
+        assert f"tasks/task-{index:05d}-of-00002/manifest.jsonl" in objects
+
+
 @pytest.mark.slow
 def test_failed_upload_is_recorded_and_retried_by_the_next_run(
     server: DevServer, s3: S3, tmp_path: Path
