@@ -38,8 +38,15 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     (
         "--output",
         "output.dir",
+        click.Path(file_okay=False),
+        "Output folder, or s3://BUCKET/PREFIX [default: images].",
+    ),
+    (
+        "--state-dir",
+        "s3.state_dir",
         click.Path(file_okay=False, path_type=Path),
-        "Output folder [default: images].",
+        "With an s3:// output: the local folder of the records and resume state "
+        "[default: ./imgdl-state/BUCKET/PREFIX].",
     ),
     ("--processes", "run.processes", click.IntRange(1), "Worker processes [default: CPUs]."),
     (
@@ -269,7 +276,7 @@ def fetch(
     settings = effective.settings
     configure_logging(settings.log.level, settings.log.format)
     task = tasks.resolve(settings)
-    opened = open_inputs(inputs, settings.input)
+    opened = open_inputs(inputs, settings.input, settings.s3)
     if dry_run:
         from downloader.dryrun import dry_run as check_offline
 
@@ -279,13 +286,24 @@ def fetch(
     runner = Runner(settings, opened, task)
     with Telemetry("parent", task.index if task else None):
         exit_code, summary = runner.run()
-    records = settings.output.dir / runner.records_dir.relative_to(runner.outdir)
+    records = runner.local_dir / runner.records_dir.relative_to(runner.outdir)
     if not quiet:
         click.echo(summary_text(summary, records), err=True)
+        if runner.target is not None and runner.records_location is not None:
+            click.echo(
+                f"imgdl: images in {runner.target.url}/, records in "
+                f"{runner.records_location.url}/ (uploaded from {records})",
+                err=True,
+            )
     if params["html_report"]:  # not a setting: _effective passes over it
         from downloader.htmlreport import report_after_fetch
 
         written = report_after_fetch(records)
+        if runner.records_location is not None and (records / "report.html").exists():
+            try:
+                runner.upload(("report.html",))
+            except ImgdlError as exc:  # as for the report itself: the exit code stays
+                written += f"\nimgdl: {exc}"
         if not quiet:
             click.echo(written, err=True)
     sys.exit(exit_code)
@@ -319,9 +337,16 @@ def report_command(outdir: Path, output: Path | None) -> None:
 
 
 @cli.command()
-@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("outdir")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML config file, for the s3 settings of an s3:// OUTDIR [default: $IMGDL_CONFIG].",
+)
 @_user_errors
-def merge(outdir: Path) -> None:
+def merge(outdir: str, config_file: Path | None) -> None:
     """Join the records of the tasks of a split job into OUTDIR's manifest, failures
     and summary.
 
@@ -335,12 +360,20 @@ def merge(outdir: Path) -> None:
       imgdl fetch urls.txt -o out --shard-index 0 --shard-count 2
       imgdl fetch urls.txt -o out --shard-index 1 --shard-count 2
       imgdl merge out        # out/manifest.jsonl, failures.txt, summary.json
+      imgdl merge s3://images/run1   # the same, read from and written to the bucket
     """
-    from downloader.merge import merge as merge_tasks
-    from downloader.merge import merge_text
+    import tempfile
 
-    summary = merge_tasks(outdir)
-    click.echo(merge_text(summary, outdir), err=True)
+    from downloader import merge as merge_mod
+    from downloader import objstore
+
+    if objstore.is_s3(outdir):
+        settings = _effective(config_file, {}).settings
+        with tempfile.TemporaryDirectory(prefix="imgdl-merge-") as workdir:
+            summary = merge_mod.merge_bucket(outdir, settings.s3, Path(workdir))
+    else:
+        summary = merge_mod.merge(Path(outdir))
+    click.echo(merge_mod.merge_text(summary, outdir), err=True)
     sys.exit(summary["exit_code"])
 
 

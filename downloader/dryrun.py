@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from downloader.dedupe import Duplicates
 from downloader.errors import UnsafeNameError
+from downloader.objstore import is_s3
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.report import EXIT_FAILURES, EXIT_OK
 from downloader.settings import Settings
@@ -44,7 +45,7 @@ class DryRun:
     before any request."""
 
     inputs: list[tuple[str, str]]  # (label, format)
-    outdir: Path
+    outdir: str  # a folder, or an s3:// prefix
     task: TaskSlice | None = None
     others: int = 0  # lines left to the other tasks of a split job
     lines: int = 0
@@ -92,7 +93,9 @@ class DryRun:
         inputs = ", ".join(f"{label} ({fmt})" for label, fmt in self.inputs)
         hosts = f"more than {MAX_HOSTS:,}" if self.more_hosts else f"{len(self.hosts):,}"
         busiest = ", ".join(f"{host} {n:,}" for host, n in self.hosts.most_common(3))
-        if self.outdir.exists():
+        if is_s3(self.outdir):
+            folder = "an object store; objects already there count as to fetch"
+        elif Path(self.outdir).exists():
             folder = "exists; lines done by an earlier run and files on disk count as to fetch"
         else:
             folder = "does not exist yet"
@@ -134,7 +137,7 @@ def dry_run(settings: Settings, inputs: list[InputList], task: TaskSlice | None 
             Path(tmp) / "dedupe.sqlite",
             report.record,
             settings,
-            case_blind=lambda: _case_blind(outdir),
+            case_blind=lambda: not is_s3(outdir) and _case_blind(Path(outdir)),
         )
         try:
             for item in read_all(inputs):

@@ -8,14 +8,11 @@ closed set; nothing raised here escapes to stop the other URLs of a shard
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
-from pathlib import Path
 from typing import NamedTuple
 
 import aiohttp
@@ -30,7 +27,7 @@ from downloader.netpolicy import BlockedAddressError, NetworkPolicy
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.retry import RetryPolicy
 from downloader.settings import Settings
-from downloader.storage import NameTakenError, PartFile, Store
+from downloader.storage import NameTakenError, Part, Store, UploadError
 from downloader.validate import (
     ImageType,
     InvalidImage,
@@ -72,17 +69,6 @@ class _Failed(Exception):
         self.final = final  # the same request would fail the same way: never retry
 
 
-def _same_content(path: Path, sha256: str) -> bool:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return False
-    return digest.hexdigest() == sha256
-
-
 def _conditions(job: Job) -> dict[str, str]:
     """Conditional-request headers for a job that revalidates an image saved earlier."""
     headers = {}
@@ -103,6 +89,8 @@ def classify(exc: BaseException) -> tuple[Reason, str]:
     message = str(exc) or type(exc).__name__
     if isinstance(exc, BlockedAddressError):
         return Reason.BLOCKED_ADDRESS, message
+    if isinstance(exc, UploadError):
+        return Reason.UPLOAD_ERROR, message
     if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
         return Reason.TLS_ERROR, message
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
@@ -303,6 +291,8 @@ class Fetcher:
             )
         try:
             return await self._stream(job, stem, resp, this_try)
+        except UploadError as exc:  # the image was good; the object store did not take it
+            raise _Failed(Reason.UPLOAD_ERROR, str(exc), status, final=True) from None
         except (aiohttp.ClientError, TimeoutError) as exc:  # keep the status we got
             reason, error = classify(exc)
             raise _Failed(reason, error, status) from None
@@ -316,7 +306,7 @@ class Fetcher:
         ends; a larger one streams to a part file through aiofiles from there on.
         """
         status, declared = resp.status, resp.content_length
-        part: PartFile | None = None
+        part: Part | None = None
         try:
             body = Body(resp, self.read_window, self.min_speed)
             digest = hashlib.sha256()
@@ -359,18 +349,17 @@ class Fetcher:
                 await part.close()
                 await asyncio.to_thread(check_decoded, part.path, image, self.validate)
             try:
-                relpath = await part.commit(image.ext, replace=job.revalidating)
+                relpath = await part.commit(
+                    image.ext, replace=job.revalidating, content_type=image.mime
+                )
             except NameTakenError as exc:
                 # The same bytes already there (an earlier attempt put them in place just
                 # before it was killed): that is this image, saved.
-                if not await asyncio.to_thread(
-                    _same_content, self.store.root / str(exc), digest.hexdigest()
-                ):
+                if not await self.store.holds(str(exc), digest.hexdigest()):
                     raise
                 relpath = str(exc)
             if job.previous_path and job.previous_path != relpath:  # the type changed
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self.store.root, job.previous_path))
+                await self.store.remove(job.previous_path)
         except (BodyError, InvalidImage) as exc:
             if part is not None:
                 await asyncio.shield(part.abort())

@@ -57,13 +57,14 @@ MAX_BUCKETS = 120
 #: The timeline's narrowest bucket (a power of two, so that doubling merges exactly).
 MIN_BUCKET_S = 1 / 16
 #: Failure reasons that say something about the host; the input's own faults
-#: (invalid_url, invalid_name, name_collision) and ours (write_error,
+#: (invalid_url, invalid_name, name_collision) and ours (write_error, upload_error,
 #: worker_crashed, internal_error, interrupted) do not.
 HOST_REASONS = frozenset(r for r in Reason if r.status is Status.FAILED) - {
     Reason.INVALID_URL,
     Reason.INVALID_NAME,
     Reason.NAME_COLLISION,
     Reason.WRITE_ERROR,
+    Reason.UPLOAD_ERROR,
     Reason.WORKER_CRASHED,
     Reason.INTERNAL_ERROR,
     Reason.INTERRUPTED,
@@ -650,7 +651,8 @@ def _hosts_section(figures: RunFigures) -> str:
     )
     note = (
         "Counted: failures the host had a part in (not invalid_url, invalid_name, "
-        "name_collision, write_error, worker_crashed, internal_error, interrupted)."
+        "name_collision, write_error, upload_error, worker_crashed, internal_error, "
+        "interrupted)."
     )
     if figures.hosts.trimmed:
         note += (

@@ -17,9 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from downloader import objstore
 from downloader.errors import ImgdlError
 from downloader.outcomes import Status
 from downloader.report import EXIT_FAILURES, EXIT_OK, counts_of, write_records, write_summary
+from downloader.settings import S3Settings
 from downloader.state import FAILURES, MANIFEST, SUMMARY, TASKS_DIR, read_raw
 from downloader.tasks import task_name
 
@@ -95,13 +97,30 @@ def merge(outdir: Path) -> dict[str, Any]:
     return summary
 
 
-def merge_text(summary: dict[str, Any], outdir: Path) -> str:
+def merge_bucket(url: str, s3: S3Settings, workdir: Path) -> dict[str, Any]:
+    """``imgdl merge s3://BUCKET/PREFIX``: the tasks' records are fetched from
+    ``PREFIX/tasks/`` into ``workdir``, merged there, and the job's manifest, failures
+    and summary uploaded to ``PREFIX``, each whole (see objstore.upload_records)."""
+    location = objstore.parse(url)
+    store = objstore.open_store(location.bucket, s3)
+    tasks = location.below(TASKS_DIR)
+    for name in objstore.folders_below(store, tasks):
+        if _TASK_FOLDER.fullmatch(name):
+            for record in (MANIFEST, SUMMARY):
+                objstore.download(store, tasks.below(name), record, workdir / TASKS_DIR / name)
+    summary = merge(workdir)
+    objstore.upload_records(store, location, workdir, (MANIFEST, FAILURES, SUMMARY))
+    return summary
+
+
+def merge_text(summary: dict[str, Any], outdir: str) -> str:
     """The lines ``imgdl merge`` prints."""
     tasks = summary["tasks"]
+    base = outdir.rstrip("/")
     lines = [
         f"imgdl: merged {tasks['merged']} of {tasks['count']} tasks: {summary['lines']} lines, "
         f"{summary['saved']} saved, {summary['skipped']} skipped, {summary['failed']} failed",
-        f"imgdl: manifest {outdir / MANIFEST}; failures {outdir / FAILURES} "
+        f"imgdl: manifest {base}/{MANIFEST}; failures {base}/{FAILURES} "
         f"({summary['refetchable_failures']} to retry); exit {summary['exit_code']}",
     ]
     for name, why in tasks["unfinished"].items():

@@ -52,6 +52,8 @@ class Reason(enum.StrEnum):
     TOO_BIG = "too_big"
     # failed: on our side
     WRITE_ERROR = "write_error"
+    #: the object store did not take the image (s3:// output), after its retries
+    UPLOAD_ERROR = "upload_error"
     WORKER_CRASHED = "worker_crashed"
     INTERNAL_ERROR = "internal_error"
     INTERRUPTED = "interrupted"

@@ -24,6 +24,7 @@ from multiprocessing.context import SpawnContext
 from typing import Any
 
 from downloader.errors import ImgdlError
+from downloader.objstore import is_s3
 from downloader.outcomes import Outcome, Reason, Status
 from downloader.sources import open_binary
 from downloader.telemetry import get_logger
@@ -91,7 +92,7 @@ def count_lines(paths: Iterable[str], tasks: int = 1) -> int | None:
     which cannot be read twice."""
     total = 0
     for path in paths:
-        if path == "-":
+        if path == "-" or is_s3(path):  # an object would be read twice
             return None
         with open_binary(path) as handle:  # gzip undone, as the reader does
             while chunk := handle.read(1 << 20):

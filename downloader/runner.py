@@ -32,13 +32,13 @@ from typing import Any
 
 import structlog
 
-from downloader import sharding
+from downloader import objstore, sharding
 from downloader.dedupe import Duplicates
 from downloader.errors import ImgdlError
 from downloader.limits import SharedLimits
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.progress import Progress, SharedCounters, count_lines
-from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport
+from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport, write_summary
 from downloader.settings import Settings
 from downloader.sharding import Shard, Tick
 from downloader.sources import InputList, read_in_background
@@ -130,11 +130,27 @@ class Runner:
         self.settings = settings
         self.inputs = inputs
         self.task = task
-        #: the images' folder
-        self.outdir = settings.output.dir.resolve()
+        output = settings.output.dir
+        #: an s3:// output: the images go there, the records stay in a local folder
+        #: (journals, segments and SQLite need appends) and are uploaded at the end
+        self.target = objstore.parse(output) if objstore.is_s3(output) else None
+        if self.target is not None:
+            local = settings.s3.state_dir or objstore.default_state_dir(self.target)
+        else:
+            local = Path(output)
+        #: the images' folder (for an s3:// output, the local state folder), as given
+        self.local_dir = local
+        self.outdir = local.resolve()
         #: the records' folder: manifest, failures, summary, state
         self.records_dir = self.outdir / TASKS_DIR / task.name if task else self.outdir
-        self.state = RunState(self.records_dir, images=self.outdir)
+        #: what an s3:// prefix held when the run began (see objstore.ObjectIndex)
+        self._objects: objstore.IndexReader | None = None
+        self._objects_path = self.records_dir / STATE_DIR / f"objects-{os.getpid()}.sqlite"
+        self.state = RunState(
+            self.records_dir,
+            images=self.outdir,
+            exists=self._object_exists if self.target is not None else None,
+        )
         self._mp = multiprocessing.get_context("spawn")
         self._stop = self._mp.Event()
         self._limits = SharedLimits.create(self._mp)
@@ -181,20 +197,77 @@ class Runner:
                     if number > after and url and not url.startswith("#"):
                         yield url
 
+    @property
+    def records_location(self) -> objstore.S3Location | None:
+        """Where the records of an s3:// output are uploaded: the prefix, or a task's
+        folder below it."""
+        if self.target is None:
+            return None
+        return self.target.below(f"{TASKS_DIR}/{self.task.name}") if self.task else self.target
+
+    def _object_exists(self, relpath: str) -> bool:
+        return self._objects is not None and relpath in self._objects
+
+    def _open_bucket(self) -> bool:
+        """An s3:// output: get the records back if the local state folder is new, and
+        list the prefix. True if it held images."""
+        assert self.target is not None and self.records_location is not None
+        store = objstore.open_store(self.target.bucket, self.settings.s3)
+        restored = objstore.restore_records(store, self.records_location, self.records_dir)
+        if restored:
+            log.info("records restored from the bucket", names=restored, to=str(self.records_dir))
+        self._objects_path.parent.mkdir(parents=True, exist_ok=True)
+        index = objstore.ObjectIndex(self._objects_path).build(store, self.target)
+        self._objects = objstore.IndexReader(self._objects_path)
+        log.info("listed the output prefix", url=self.target.url, images=index.images)
+        return index.images > 0
+
+    def _close_bucket(self) -> None:
+        if self._objects is None:
+            return
+        self._objects.close()
+        self._objects = None
+        self._objects_path.unlink(missing_ok=True)
+
+    def upload(self, names: tuple[str, ...] | None = None) -> list[str]:
+        """Upload the records of an s3:// output (``names``: only those); their URLs."""
+        location = self.records_location
+        assert self.target is not None and location is not None
+        store = objstore.open_store(self.target.bucket, self.settings.s3)
+        return objstore.upload_records(store, location, self.records_dir, names)
+
+    def _publish(self, summary: dict[str, Any]) -> None:
+        """Upload the records of an s3:// output. A failed upload leaves them in the
+        local folder (the next run of the same command uploads them) and makes the exit
+        code 1."""
+        try:
+            sent = self.upload()
+        except ImgdlError as exc:
+            log.error("records not uploaded", error=str(exc))
+            if summary["exit_code"] == 0:
+                summary["exit_code"] = 1
+                write_summary(self.records_dir, summary)
+            return
+        log.info("records uploaded", to=sent)
+
     def _open_state(self) -> LineSet:
         try:
             self.records_dir.mkdir(parents=True, exist_ok=True)
             own = {STATE_DIR, ARCHIVE_DIR, TASKS_DIR, MANIFEST, FAILURES, SUMMARY}
-            # the other tasks of a split job write beside this one
-            empty = self.task is None and not any(
-                entry.name not in own for entry in os.scandir(self.outdir)
-            )
+            if self.target is not None:
+                empty = self.task is None and not self._open_bucket()
+            else:  # the other tasks of a split job write beside this one
+                empty = self.task is None and not any(
+                    entry.name not in own for entry in os.scandir(self.outdir)
+                )
             output = self.settings.output
             self._probe_existing = not empty or names_may_collide(
                 output.name_template, self.settings.input.name_column
             )
             return self.state.open(
-                [i.label for i in self.inputs], revalidate=self.settings.run.revalidate
+                [i.label for i in self.inputs],
+                revalidate=self.settings.run.revalidate,
+                known={i.label: i.fingerprint for i in self.inputs if i.fingerprint},
             )
         except OSError as exc:
             where = exc.filename or self.outdir
@@ -208,7 +281,11 @@ class Runner:
             log.warning(
                 "TLS verification is OFF (tls.verify: false): any server can impersonate any host"
             )
-        done = self._open_state()
+        try:
+            done = self._open_state()
+        except BaseException:
+            self._close_bucket()
+            raise
         if self.state.archived is not None:
             log.warning(
                 "the output folder held the records of other inputs: moved them aside",
@@ -223,7 +300,8 @@ class Runner:
             self.state.dir / "dedupe.sqlite",
             report.record,
             self.settings,
-            case_blind=lambda: case_insensitive(self.outdir),
+            # object keys are case-sensitive
+            case_blind=lambda: self.target is None and case_insensitive(self.outdir),
         )
         reader = read_in_background(
             self.inputs, buffered=2 * self.settings.run.shard_size, poll=POLL_SECONDS
@@ -271,6 +349,8 @@ class Runner:
                 unread=() if complete else self._unread_failures(lines),
                 task=dataclasses.asdict(self.task) if self.task else None,
             )
+            if self.target is not None:
+                self._publish(summary)
         except OSError as exc:  # our own records cannot be written: disk full, gone
             raise ImgdlError(
                 f"cannot write the run's records in {self.records_dir}: {exc.strerror or exc}; "
@@ -283,6 +363,7 @@ class Runner:
                 signal.signal(sig, handler)
             for item in self.inputs:
                 item.close()
+            self._close_bucket()
             self.state.unlock()
         log.info(
             "run finished",
@@ -322,6 +403,8 @@ class Runner:
             progress=self._counters,
             parts_dir=self.state.parts_dir,
             task_index=self.task.index if self.task else None,
+            s3=self.target,
+            objects_index=self._objects_path if self._objects is not None else None,
         )
         return ProcessPoolExecutor(
             max_workers=self.settings.processes,

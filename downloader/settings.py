@@ -61,9 +61,12 @@ class InputSettings(_Section):
 class OutputSettings(_Section):
     """Where the images and the run's records go, and how the images are named."""
 
-    dir: Path = Field(
-        Path("images"),
-        description="The output folder: images, manifest.jsonl, failures.txt, summary.json.",
+    dir: str = Field(
+        "images",
+        min_length=1,
+        description="Where the images go: a local folder (with manifest.jsonl, failures.txt, "
+        "summary.json), or s3://BUCKET/PREFIX for an S3-compatible object store (pip "
+        "install 'imgdl[s3]'; see the s3 section).",
     )
     name_template: str = Field(
         "{url_hash:.3}/{url_hash}",
@@ -72,6 +75,56 @@ class OutputSettings(_Section):
         "{basename} (last path segment of the URL, sanitised), {input} (input file name "
         "without suffixes), {line}. Python format specs apply: {url_hash:.3} is the first "
         "3 characters. The default fans files out into 4,096 folders.",
+    )
+
+
+class S3Settings(_Section):
+    """An s3:// output or input: the store's endpoint and region, where the records stay,
+    how bodies go up. Credentials come from the standard AWS variables and files."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="Endpoint of a non-AWS store (MinIO, Cloudflare R2, GCS interoperability, "
+        "Ceph...), e.g. http://127.0.0.1:9000. null: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, "
+        "else AWS itself. An http:// endpoint is allowed without TLS.",
+    )
+    region: str | None = Field(
+        None,
+        description="The bucket's region. null: AWS_REGION, AWS_DEFAULT_REGION, the AWS "
+        "profile's region, else us-east-1.",
+    )
+    state_dir: Path | None = Field(
+        None,
+        description="Local folder for the records (manifest.jsonl, failures.txt, "
+        "summary.json) and resume state of an s3:// output; they are uploaded to the prefix "
+        "at the end of each run. null: ./imgdl-state/BUCKET/PREFIX.",
+    )
+    part_size: int = Field(
+        8 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        le=5 * 1024 * 1024 * 1024,
+        description="A body larger than this goes up as a multipart upload in parts of this "
+        "size (the object appears only when its last part is in); a smaller one in one PUT. "
+        "S3's smallest part is 5 MiB.",
+    )
+    no_clobber: bool = Field(
+        True,
+        description="Upload with If-None-Match: * so that an object already there is never "
+        "replaced (two URLs given the same name: name_collision). Turn off for a store "
+        "that refuses conditional writes (HTTP 501).",
+    )
+    retries: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="Retries of a failed request to the store (5xx, connection errors), with "
+        "exponential backoff; a body whose upload still fails is upload_error.",
+    )
+    timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds for one request to the store, and for all the retries of one "
+        "upload together.",
     )
 
 
@@ -391,6 +444,7 @@ class LogSettings(_Section):
 class Settings(_Section):
     input: InputSettings = InputSettings()
     output: OutputSettings = OutputSettings()
+    s3: S3Settings = S3Settings()
     run: RunSettings = RunSettings()
     http: HttpSettings = HttpSettings()
     network: NetworkSettings = NetworkSettings()
@@ -850,10 +904,12 @@ def _nested_fields(loc: list[str]) -> list[str]:
 
 def _check_consistency(settings: Settings, layers: _Layers) -> list[Problem]:
     # Imported here: storage depends on settings' types only through plain values.
+    from downloader.objstore import check_output
     from downloader.storage import check_template
     from downloader.tls import ssl_context
 
     checks = (
+        ("output.dir", lambda: check_output(settings.output.dir)),
         ("output.name_template", lambda: check_template(settings.output.name_template)),
         ("tls.ca_bundle", lambda: ssl_context(settings.tls)),
     )

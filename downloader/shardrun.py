@@ -147,13 +147,7 @@ class ShardRun:
         session = process_session(self.settings, policy)
         fetcher = Fetcher(
             session,
-            Store(
-                self.context.outdir,
-                self.settings.output.name_template,
-                # a retried shard may find files its killed attempt put in place
-                probe=self.context.probe_existing or self.shard.attempt > 1,
-                parts=self.context.parts_dir,
-            ),
+            self._store(),
             self.settings,
             limiter if limiter.limits_anything else None,
             policy,
@@ -187,6 +181,26 @@ class ShardRun:
             key = (job.input, job.line)
             if key not in journal.done and key not in later:
                 journal.write(Outcome.not_saved(job, reason, error="no outcome recorded"))
+
+    def _store(self) -> Store:
+        """Where this shard's images go: the output folder, or an s3:// prefix."""
+        context = self.context
+        # a retried shard may find files its killed attempt put in place
+        probe = context.probe_existing or self.shard.attempt > 1
+        template = self.settings.output.name_template
+        if context.s3 is None:
+            return Store(context.outdir, template, probe=probe, parts=context.parts_dir)
+        from downloader.s3store import ObjectStore  # obstore: only for an s3:// output
+
+        return ObjectStore(
+            context.s3,
+            self.settings.s3,
+            context.outdir,
+            template,
+            probe=probe,
+            parts=context.parts_dir,
+            index=context.objects_index,
+        )
 
     async def _watch_stop(self, journal: Journal) -> None:
         """Stop when the parent says so, or when the parent is gone (killed with SIGKILL);

@@ -26,8 +26,10 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from downloader.errors import InputError
+from downloader.objstore import is_s3
+from downloader.objstore import open_input as open_object
 from downloader.outcomes import Job, Outcome, Reason
-from downloader.settings import InputSettings
+from downloader.settings import InputSettings, S3Settings
 from downloader.sharding import TICK, Tick
 
 STDIN = "-"
@@ -106,13 +108,17 @@ class _Prefixed(io.RawIOBase):
         super().close()
 
 
-def open_binary(path: str) -> IO[bytes]:
-    """The bytes of an input list, gzip undone when the first bytes say so."""
-    if path == STDIN:
+def open_binary(path: str, opened: IO[bytes] | None = None) -> IO[bytes]:
+    """The bytes of an input list, gzip undone when the first bytes say so.
+    ``opened``: the list's stream when it is not a file (an s3:// object)."""
+    raw: IO[bytes]
+    if opened is not None:
+        raw = opened
+    elif path == STDIN:
         # Our own unbuffered handle on fd 0, not sys.stdin.buffer: a reader thread
         # blocked in it at exit must not hold the lock of a standard stream, which
         # the interpreter flushes on its way out (a fatal error otherwise).
-        raw: IO[bytes] = io.FileIO(sys.stdin.fileno(), "rb", closefd=False)
+        raw = io.FileIO(sys.stdin.fileno(), "rb", closefd=False)
         os.set_blocking(sys.stdin.fileno(), True)  # a non-blocking fd would read as empty
     else:
         try:
@@ -192,11 +198,17 @@ def _format_of(path: str, first: str | None, settings: InputSettings) -> str:
 class InputList:
     """One input list. Opening it reads the header, so a bad file fails before the run."""
 
-    def __init__(self, path: str, settings: InputSettings) -> None:
+    def __init__(self, path: str, settings: InputSettings, s3: S3Settings | None = None) -> None:
         self.path = path
         self.label = path
         self.settings = settings
-        self._stream = open_binary(path)
+        #: size and ETag of an s3:// list (a local file's are read by state.fingerprint)
+        self.fingerprint: dict[str, Any] | None = None
+        if is_s3(path):
+            raw, self.fingerprint = open_object(path, s3 or S3Settings())
+            self._stream = open_binary(path, opened=raw)
+        else:
+            self._stream = open_binary(path)
         self._lines = _lines(self._stream, path)
         first = self._first_meaningful()
         self.format = _format_of(path, first.text if first else None, settings)
@@ -311,14 +323,16 @@ class InputList:
         return Job(url=clean, input=self.label, line=line.number, name=name or None)
 
 
-def open_inputs(paths: Iterable[str], settings: InputSettings) -> list[InputList]:
+def open_inputs(
+    paths: Iterable[str], settings: InputSettings, s3: S3Settings | None = None
+) -> list[InputList]:
     """Open every input up front so a missing file or bad header stops the run before it starts."""
     paths = list(paths)
     if paths.count(STDIN) > 1:
         raise InputError("standard input ('-') can be given only once")
     seen: dict[str, str] = {}
     for path in (p for p in paths if p != STDIN):
-        real = os.path.realpath(path)
+        real = path if is_s3(path) else os.path.realpath(path)
         if real in seen:
             raise InputError(
                 f"input {path} is given twice (as {seen[real]} too): give each list once"
@@ -327,7 +341,7 @@ def open_inputs(paths: Iterable[str], settings: InputSettings) -> list[InputList
     opened: list[InputList] = []
     try:
         for path in paths:
-            opened.append(InputList(path, settings))
+            opened.append(InputList(path, settings, s3))
     except BaseException:
         for item in opened:
             item.close()

@@ -36,12 +36,13 @@ import os
 import shutil
 import sqlite3
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 from downloader.errors import ImgdlError
+from downloader.objstore import is_s3
 from downloader.outcomes import FIELDS, Outcome, Reason, Status
 from downloader.sources import STDIN
 
@@ -95,7 +96,7 @@ def _sha256(path: str, limit: int | None = None) -> str:
 
 def fingerprint(label: str) -> dict[str, Any] | None:
     """Size and sha256 of an input file; None for what cannot be read twice (stdin, pipes)."""
-    if label == STDIN or not stat.S_ISREG(os.stat(label).st_mode):
+    if label == STDIN or is_s3(label) or not stat.S_ISREG(os.stat(label).st_mode):
         return None
     return {"input": label, "size": os.path.getsize(label), "sha256": _sha256(label)}
 
@@ -226,11 +227,19 @@ def _nonempty_file(path: Path) -> bool:
 class RunState:
     """Opens the state of OUTDIR for a run: recovers, decides what is done, appends records."""
 
-    def __init__(self, outdir: Path, images: Path | None = None) -> None:
+    def __init__(
+        self,
+        outdir: Path,
+        images: Path | None = None,
+        exists: Callable[[str], bool] | None = None,
+    ) -> None:
         """``outdir`` holds the records; ``images`` the images they name (the same
-        folder, except for one task of a split job: OUTDIR/tasks/<task>/ and OUTDIR)."""
+        folder, except for one task of a split job: OUTDIR/tasks/<task>/ and OUTDIR).
+        ``exists``: is the image of a record still there, by its relative name, where
+        that is not a file below ``images`` (an object store's listing)."""
         self.outdir = outdir
         self.images = images if images is not None else outdir
+        self._exists = exists or (lambda relpath: _nonempty_file(self.images / relpath))
         self.dir = outdir / STATE_DIR
         self.journal_dir = self.dir / "journal"
         self.segments_dir = self.dir / "segments"
@@ -242,16 +251,23 @@ class RunState:
 
     # -- start -----------------------------------------------------------------------
 
-    def open(self, labels: list[str], revalidate: bool = False) -> LineSet:
+    def open(
+        self,
+        labels: list[str],
+        revalidate: bool = False,
+        known: Mapping[str, dict[str, Any]] | None = None,
+    ) -> LineSet:
         """Prepare OUTDIR for a run over ``labels``; returns the lines already done.
 
         With ``revalidate``, ``self.validators`` then holds the ETag/Last-Modified of
-        every done line that has them.
+        every done line that has them. ``known``: fingerprints of inputs that are not
+        local files (an s3:// list's size and ETag), by label.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock()
         # Before anything moves: an input may be this folder's own failures.txt.
-        inputs = [fingerprint(label) or {"input": label} for label in labels]
+        known = known or {}
+        inputs = [known.get(label) or fingerprint(label) or {"input": label} for label in labels]
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         self.segments_dir.mkdir(exist_ok=True)
         self._recover_journals()
@@ -323,7 +339,7 @@ class RunState:
             seen.add(key)
             if outcome.status is Status.FAILED:
                 continue
-            if outcome.path is None or _nonempty_file(self.images / outcome.path):
+            if outcome.path is None or self._exists(outcome.path):
                 done.add(key)
                 if (
                     self.validators is not None

@@ -10,6 +10,7 @@ parent removes the parts folder at the start and at the end of every run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -18,7 +19,7 @@ import secrets
 import stat
 import string
 from pathlib import Path
-from typing import Self
+from typing import Protocol, Self
 from urllib.parse import unquote, urlsplit
 
 import aiofiles
@@ -179,7 +180,8 @@ def names_may_collide(template: str, name_column: str | None) -> bool:
 
 
 class Store:
-    """The local output folder. Later backends (object stores) keep this interface."""
+    """The local output folder. ``s3store.ObjectStore`` (an s3:// output) keeps this
+    interface: stem_for, existing, open_part, write_part, holds, remove."""
 
     def __init__(
         self, root: Path, template: str, probe: bool = True, parts: Path | None = None
@@ -242,12 +244,12 @@ class Store:
                 raise UnsafeNameError(f"{stem!r} resolves outside the output folder")
         self._checked_dirs.add(final_dir)
 
-    async def open_part(self, stem: str) -> PartFile:
+    async def open_part(self, stem: str) -> Part:
         """A part file to stream a large body into, written through aiofiles' threads."""
         self._prepare_dir(stem)
         return await PartFile.open(self.root, stem, self._parts, self.probe)
 
-    def write_part(self, stem: str, body: bytes) -> PartFile:
+    def write_part(self, stem: str, body: bytes) -> Part:
         """A part file holding a whole small body, written at once in the calling thread.
 
         Most images are small: one ``write`` of a few dozen KB to the page cache
@@ -257,9 +259,52 @@ class Store:
         self._prepare_dir(stem)
         return PartFile.written(self.root, stem, self._parts, body, self.probe)
 
+    async def holds(self, relpath: str, sha256: str) -> bool:
+        """Does ``relpath`` already hold these bytes? (An attempt killed just after it
+        put them in place.)"""
+        return await asyncio.to_thread(_same_content, self.root / relpath, sha256)
+
+    async def remove(self, relpath: str) -> None:
+        """Remove an image this folder held (an older version of another type)."""
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.root, relpath))
+
+
+def _same_content(path: Path, sha256: str) -> bool:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return False
+    return digest.hexdigest() == sha256
+
+
+class Part(Protocol):
+    """A body on its way to its final name: a PartFile here, an s3store.ObjectPart for
+    an object store."""
+
+    @property
+    def path(self) -> Path: ...
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def abort(self) -> None: ...
+
+    async def commit(
+        self, ext: str, replace: bool = False, content_type: str | None = None
+    ) -> str: ...
+
 
 class NameTakenError(Exception):
     """The final name already holds another file."""
+
+
+class UploadError(Exception):
+    """The object store did not take a body (after its client's retries): upload_error."""
 
 
 def _link_into_place(
@@ -336,8 +381,9 @@ class PartFile:
         assert self._handle is not None, "a part written at once takes no more chunks"
         await self._handle.write(chunk)
 
-    async def commit(self, ext: str, replace: bool = False) -> str:
+    async def commit(self, ext: str, replace: bool = False, content_type: str | None = None) -> str:
         """Move the finished body to its final name; returns the path relative to OUTDIR.
+        (``content_type`` is for an object store; a file keeps none.)
 
         Never replaces a file already there: raises NameTakenError instead, so two
         URLs given the same name cannot overwrite each other. The link and unlink

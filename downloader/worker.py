@@ -23,6 +23,7 @@ from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 
 from downloader.limits import SharedLimits
+from downloader.objstore import S3Location
 from downloader.outcomes import Job
 from downloader.progress import SharedCounters
 from downloader.settings import Settings
@@ -48,6 +49,10 @@ class WorkerContext:
     parts_dir: Path | None = None
     #: this task's index when the job is split (for telemetry's resource)
     task_index: int | None = None
+    #: an s3:// output: where the images go (``outdir`` is then the local state folder)
+    s3: S3Location | None = None
+    #: the listing of that prefix made when the run began (objstore.ObjectIndex)
+    objects_index: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
