@@ -122,7 +122,11 @@ class Progress:
         self._estimated: int | None = None
         self._estimate = estimate
         self._started = time.monotonic()
-        self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
+        # (time, saved, bytes); the start is the first sample, so that a run shorter
+        # than one interval still gets its rates in the final line
+        self._samples: collections.deque[tuple[float, int, int]] = collections.deque(
+            [(self._started, 0, 0)]
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bar: Any = None
@@ -185,9 +189,10 @@ class Progress:
             self._bar = tqdm(
                 total=None,
                 file=sys.stderr,
-                dynamic_ncols=size.columns > 0,
-                ncols=None if size.columns > 0 else 100,
-                nrows=None if size.lines > 0 else 24,
+                # dynamic sizing would read the 0 again at every redraw
+                dynamic_ncols=size.columns > 0 and size.lines > 0,
+                ncols=size.columns or 100,
+                nrows=size.lines or 24,
                 smoothing=0.1,
                 bar_format=_COUNTING,
             )
