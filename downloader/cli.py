@@ -21,6 +21,7 @@ Exit codes:
   0    every URL was saved or skipped
   1    some URLs failed (see OUTDIR/failures.txt)
   2    usage or configuration error (one line on stderr says what to fix)
+  129  stopped by SIGHUP (the terminal closed)
   130  interrupted by SIGINT (Ctrl-C)
   143  terminated by SIGTERM
 """

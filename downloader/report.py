@@ -27,6 +27,7 @@ from downloader.state import FAILURES, MANIFEST, SUMMARY, LineSet, RunState
 EXIT_OK = 0
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
+EXIT_SIGHUP = 129
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -258,9 +259,14 @@ def summary_text(summary: dict[str, Any], outdir: Path) -> str:
     ]
     for error in summary["input_errors"]:
         lines.append(f"imgdl: input error: {error}")
-    if not summary["input_complete"]:
+    if summary["input_errors"]:  # running the same again reads the same broken input
         lines.append(
-            f"imgdl: stopped before the end of the input (lines read: {summary['lines_read']}); "
-            "run the same command again to finish"
+            f"imgdl: the input broke off after {summary['lines_read']} lines: fix or replace "
+            "it; a run over the whole list then resumes the lines recorded here"
+        )
+    elif not summary["input_complete"]:
+        lines.append(
+            f"imgdl: stopped after reading {summary['lines_read']} lines; run the same "
+            "command again to finish (done lines are skipped, interrupted ones tried again)"
         )
     return "\n".join(lines)

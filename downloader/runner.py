@@ -38,7 +38,7 @@ from downloader.errors import ImgdlError
 from downloader.limits import SharedLimits
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.progress import Progress, SharedCounters, count_lines
-from downloader.report import EXIT_SIGINT, EXIT_SIGTERM, RunReport, write_summary
+from downloader.report import RunReport, write_summary
 from downloader.settings import Settings
 from downloader.sharding import Shard, Tick
 from downloader.sources import InputList, read_in_background
@@ -58,12 +58,17 @@ from downloader.storage import case_insensitive, names_may_collide
 from downloader.tasks import TaskSlice
 from downloader.telemetry import get_logger
 from downloader.validate import require_pillow
-from downloader.worker import ShardResult, WorkerContext, init_worker, run_shard
+from downloader.worker import (
+    STOP_SIGNALS,
+    ShardResult,
+    WorkerContext,
+    init_worker,
+    run_shard,
+)
 
 log = get_logger()
 #: How often the parent wakes up to notice a signal while waiting on workers.
 POLL_SECONDS = 0.2
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class _Lines:
@@ -167,10 +172,10 @@ class Runner:
 
     def _on_signal(self, signum: int, _frame: types.FrameType | None) -> None:
         if self._signal_exit is not None and signum == signal.SIGINT:
-            self._abort = True  # a second Ctrl-C: stop now, not after the grace period
+            self._abort = True  # Ctrl-C while stopping: stop now, not after the grace period
             return
         if self._signal_exit is None:
-            self._signal_exit = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+            self._signal_exit = 128 + signum  # 130 SIGINT, 143 SIGTERM, 129 SIGHUP
             log.warning(
                 "signal received: finishing downloads in flight",
                 signal=signal.Signals(signum).name,
@@ -294,7 +299,9 @@ class Runner:
         report = RunReport(self.state)
         structlog.contextvars.bind_contextvars(role="parent")
         previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+            sig: signal.signal(sig, self._on_signal)
+            for sig in STOP_SIGNALS
+            if signal.getsignal(sig) is not signal.SIG_IGN
         }
         report.duplicates = Duplicates.for_run(
             self.state.dir / "dedupe.sqlite",
@@ -425,7 +432,7 @@ class Runner:
     def _submit(self, pool: ProcessPoolExecutor, shard: Shard) -> Future[ShardResult]:
         """Submit with SIGINT/SIGTERM blocked: a worker this starts inherits the mask and
         ignores both before it unblocks them, so a Ctrl-C cannot hit it mid-start-up."""
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             return pool.submit(run_shard, shard)
         finally:
@@ -536,7 +543,7 @@ class Runner:
     ) -> None:
         """Kill the workers; what they journaled stands, the rest is interrupted. Files
         being written were part files, so nothing partial stands at a final path."""
-        log.warning("second SIGINT: aborting now")
+        log.warning("SIGINT while stopping: aborting now")
         for process in multiprocessing.active_children():
             process.kill()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -545,7 +552,7 @@ class Runner:
                 original.pop(shard.shard_id),
                 report,
                 Reason.INTERRUPTED,
-                "aborted by a second SIGINT",
+                "aborted by SIGINT while stopping",
             )
 
     def _rebuild(self, pool: ProcessPoolExecutor) -> ProcessPoolExecutor:

@@ -30,6 +30,9 @@ from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.telemetry import configure_logging
 
+#: The signals that stop a run: the parent's to handle (exit code 128 + the number;
+#: SIGHUP, a closed terminal, unless it was ignored when imgdl started, as by nohup).
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 #: How often an idle worker checks that its parent is still there.
 ORPHAN_POLL_SECONDS = 0.5
 
@@ -75,10 +78,10 @@ _context: WorkerContext | None = None
 def init_worker(context: WorkerContext) -> None:
     """Pool initializer: signals are the parent's business; logs are set up per process."""
     global _context
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # The parent blocked both while starting us (see Runner._submit); ignored now, unblock.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    # The parent blocked them while starting us (see Runner._submit); ignored now, unblock.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _context = context
     configure_logging(context.settings.log.level, context.settings.log.format)
     import downloader.shardrun  # noqa: F401  aiohttp and the rest, before the first shard

@@ -14,6 +14,7 @@ from downloader.outcomes import REFETCHABLE, Outcome, Reason, Status
 from downloader.report import (
     EXIT_FAILURES,
     EXIT_OK,
+    EXIT_SIGHUP,
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_USAGE,
@@ -158,7 +159,14 @@ def test_merged_summary_table_has_every_key_a_merge_writes(tmp_path: Path) -> No
 
 def test_exit_code_table_matches_the_code() -> None:
     documented = {int(code) for code in re.findall(r"^\| (\d+) \|", OPERATIONS.read_text(), re.M)}
-    assert documented == {EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM}
+    assert documented == {
+        EXIT_OK,
+        EXIT_FAILURES,
+        EXIT_USAGE,
+        EXIT_SIGHUP,
+        EXIT_SIGINT,
+        EXIT_SIGTERM,
+    }
 
 
 def test_every_metric_and_span_name_is_documented() -> None:

@@ -14,6 +14,7 @@ import pytest
 from downloader.devserver import DevServer
 from downloader.proctree import workers
 from tests.conftest import (
+    clean_env,
     image_files,
     read_manifest,
     read_summary,
@@ -87,7 +88,9 @@ def test_shard_whose_worker_dies_twice_is_worker_crashed(server: DevServer, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)]
+)
 def test_signal_stops_run_and_accounts_every_line(
     server: DevServer, tmp_path: Path, sig: signal.Signals, code: int
 ) -> None:
@@ -119,6 +122,28 @@ def test_signal_stops_run_and_accounts_every_line(
     blocked = [r for r in records if "/block/" in r["url"]]
     assert {r["status"] for r in blocked} == {"saved"}
     assert not list(out.rglob("*.part"))
+
+
+def test_sighup_ignored_at_start_stays_ignored(server: DevServer, tmp_path: Path) -> None:
+    """Under nohup (SIGHUP ignored when imgdl starts) a closed terminal must not stop it."""
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/slow/100/{n}" for n in range(40)])
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "downloader", "fetch", str(listing), "-o", str(out)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+    )
+    try:
+        wait_for(lambda: len(server.requests) >= 4)
+        proc.send_signal(signal.SIGHUP)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    assert read_summary(out)["saved"] == 40
 
 
 def test_second_sigint_aborts_at_once(server: DevServer, tmp_path: Path) -> None:
