@@ -45,9 +45,9 @@ from downloader import __version__
 from downloader.errors import ImgdlError
 from downloader.outcomes import Reason, Status
 from downloader.report import Totals
-from downloader.state import FAILURES, MANIFEST, SUMMARY, read_raw
+from downloader.state import FAILURES, MANIFEST, REPORT_HTML, SUMMARY, read_raw
 
-REPORT = "report.html"
+REPORT = REPORT_HTML
 #: Hosts listed in "hosts that failed most".
 TOP_HOSTS = 15
 #: Distinct failing hosts counted exactly; see BoundedCounter.

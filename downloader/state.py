@@ -53,6 +53,8 @@ TASKS_DIR = "tasks"
 MANIFEST = "manifest.jsonl"
 FAILURES = "failures.txt"
 SUMMARY = "summary.json"
+#: imgdl report's page (htmlreport.py), kept with the records it was made from
+REPORT_HTML = "report.html"
 _HASH_BLOCK = 1 << 20
 
 
@@ -360,7 +362,7 @@ class RunState:
         compact(self, summary_extra={"archived": True})
         target = self._archive_folder()
         inputs = {os.path.realpath(label) for label in labels if label != STDIN}
-        for name in (MANIFEST, FAILURES, SUMMARY):
+        for name in (MANIFEST, FAILURES, SUMMARY, REPORT_HTML):  # the page describes them
             source = self.outdir / name
             with contextlib.suppress(FileNotFoundError):
                 if os.path.realpath(source) in inputs:

@@ -48,6 +48,13 @@ _AVIF_BRANDS = {b"avif", b"avis"}
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
 
 
+def _bounds(width: int, height: int) -> str:
+    """A size filter as messages show it: 0 means there is none on that side."""
+    return ", ".join(
+        f"{name} {n}" if n else f"any {name}" for name, n in (("width", width), ("height", height))
+    )
+
+
 class InvalidImage(Exception):
     def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
@@ -124,14 +131,16 @@ def check_decoded(path: Path, image: ImageType, settings: ValidateSettings) -> N
             if width < settings.min_width or height < settings.min_height:
                 raise InvalidImage(
                     Reason.TOO_SMALL,
-                    f"{width}x{height} is below {settings.min_width}x{settings.min_height}",
+                    f"{width}x{height} is below the minimum "
+                    + _bounds(settings.min_width, settings.min_height),
                 )
             if (settings.max_width and width > settings.max_width) or (
                 settings.max_height and height > settings.max_height
             ):
                 raise InvalidImage(
                     Reason.TOO_BIG,
-                    f"{width}x{height} is above {settings.max_width}x{settings.max_height}",
+                    f"{width}x{height} is above the maximum "
+                    + _bounds(settings.max_width, settings.max_height),
                 )
             img.load()
     except InvalidImage:

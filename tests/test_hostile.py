@@ -187,8 +187,11 @@ def test_decoding_catches_what_magic_bytes_cannot(hostile: DevServer, tmp_path: 
     out = tmp_path / "out"
     result = run_cli("fetch", str(listing), "-o", str(out), "--config", str(config))
     assert result.returncode == 1, result.stderr
-    by_name = {r["url"].rsplit("/", 1)[1]: r["reason"] for r in read_manifest(out)}
-    assert by_name == cases
+    records = {r["url"].rsplit("/", 1)[1]: r for r in read_manifest(out)}
+    assert {name: r["reason"] for name, r in records.items()} == cases
+    # a bound that is not set (0) reads as none, not as 0
+    assert records["wide"]["error"].endswith("is above the maximum width 200, any height")
+    assert "is below the minimum width 10, height 10" in records["tiny"]["error"]
     assert [p.suffix for p in image_files(out)] == [".png"]
 
 

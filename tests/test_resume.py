@@ -139,13 +139,15 @@ def test_same_list_again_retries_only_what_failed(tmp_path: Path) -> None:
 def test_a_changed_list_starts_a_new_manifest(server: DevServer, tmp_path: Path) -> None:
     listing = write_list(tmp_path / "u.txt", [f"{server.url}/i/{n}.jpg" for n in range(5)])
     out = tmp_path / "out"
-    assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 0
+    assert run_cli("fetch", str(listing), "-o", str(out), "--report").returncode == 0
     write_list(listing, [f"{server.url}/i/{n}.jpg" for n in range(100, 103)])  # edited
     assert run_cli("fetch", str(listing), "-o", str(out)).returncode == 0
     records = read_manifest(out)
     assert sorted(r["url"].rsplit("/", 1)[1] for r in records) == ["100.jpg", "101.jpg", "102.jpg"]
     (archive,) = (out / "previous-runs").iterdir()
     assert len(read_manifest(archive)) == 5
+    # the page about the old records went with them: none stands beside the new ones
+    assert (archive / "report.html").is_file() and not (out / "report.html").exists()
 
 
 def test_a_manifest_of_the_version_before_sizes_and_times_resumes(
