@@ -10,6 +10,7 @@ receiver through those explicit flushes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -400,3 +401,8 @@ def test_run_finishes_when_the_collector_port_is_closed(tmp_path: Path, server: 
     records = read_manifest(outdir)
     assert len(records) == 40
     assert {r["status"] for r in records} == {"saved"}
+    # the exporters' complaints come as JSON log lines, like imgdl's own
+    logged = [line for line in result.stderr.splitlines() if not line.startswith("imgdl: ")]
+    assert any("opentelemetry" in line for line in logged), result.stderr[-2000:]
+    for line in logged:
+        assert json.loads(line)["level"], line
