@@ -56,7 +56,7 @@ from downloader.state import (
 )
 from downloader.storage import case_insensitive, names_may_collide
 from downloader.tasks import TaskSlice
-from downloader.telemetry import get_logger
+from downloader.telemetry import active_telemetry, get_logger
 from downloader.validate import require_pillow
 from downloader.worker import (
     STOP_SIGNALS,
@@ -321,6 +321,7 @@ class Runner:
             takes=self.task.takes if self.task else None,
         )
         progress = self._start_progress(report, lines)
+        self._tell_own_outcomes(report, progress)
         log.info(
             "run started",
             inputs=[i.label for i in self.inputs],
@@ -396,8 +397,29 @@ class Runner:
             lines=lambda: (lines.carried, lines.count if lines.exhausted else None),
             estimate=functools.partial(count_lines, paths, self.task.count if self.task else 1),
         )
-        report.on_own_outcome = progress.record
         return progress.start()
+
+    @staticmethod
+    def _tell_own_outcomes(report: RunReport, progress: Progress | None) -> None:
+        """The outcomes the parent makes itself (invalid lines, duplicates, lines stopped
+        before they were sent) reach the progress display and the outcome metric, which
+        the workers feed with theirs."""
+        telemetry = active_telemetry()
+        hooks = [
+            hook
+            for hook in (
+                progress.record if progress else None,
+                telemetry.count if telemetry and telemetry.enabled else None,
+            )
+            if hook is not None
+        ]
+
+        def tell(outcome: Outcome) -> None:
+            for hook in hooks:
+                hook(outcome)
+
+        if hooks:
+            report.on_own_outcome = tell
 
     def _new_pool(self) -> ProcessPoolExecutor:
         context = WorkerContext(

@@ -273,6 +273,17 @@ class Telemetry:
                 span.set_attribute(f"imgdl.shard.outcomes.{key}", value)
             span.end()
 
+    def count(self, outcome: Outcome) -> None:
+        """One line's outcome in the ``imgdl.outcomes`` (and saved bytes) counters."""
+        if self._outcomes is None:
+            return
+        labels = {"imgdl.outcome.status": outcome.status.value}
+        if outcome.reason is not None:
+            labels["imgdl.outcome.reason"] = outcome.reason.value
+        self._outcomes.add(1, labels)
+        if outcome.status is Status.SAVED:
+            self._bytes.add(outcome.bytes)
+
     def url_done(self, outcome: Outcome, shard_span: Any, start_ns: int, end_ns: int) -> None:
         """One URL's span (a child of its shard's) and its metric points."""
         if not self._providers:
@@ -285,12 +296,7 @@ class Telemetry:
         if failed and reason is not None:
             common["error.type"] = reason
         if self._outcomes is not None:
-            labels = {"imgdl.outcome.status": outcome.status.value}
-            if reason is not None:
-                labels["imgdl.outcome.reason"] = reason
-            self._outcomes.add(1, labels)
-            if outcome.status is Status.SAVED:
-                self._bytes.add(outcome.bytes)
+            self.count(outcome)
             if outcome.attempts:  # a URL that went to the network
                 self._duration.record((end_ns - start_ns) / 1e9, common)
         if self.tracer is not None and shard_span is not None:
@@ -324,9 +330,11 @@ class Telemetry:
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Flush and shut every provider down, within ``timeout`` seconds."""
-        global _otel_logger
+        global _otel_logger, _active
         if _otel_logger is self.logger:
             _otel_logger = None
+        if _active is self:
+            _active = None
         sent = self._bounded("shutdown", timeout)
         self._providers = []
         return sent
@@ -357,9 +365,10 @@ class Telemetry:
         return _collector_healthy
 
     def __enter__(self) -> Telemetry:
-        global _otel_logger
+        global _otel_logger, _active
         if self.logger is not None:
             _otel_logger = self.logger
+        _active = self
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -367,6 +376,12 @@ class Telemetry:
 
 
 _process: Telemetry | None = None
+_active: Telemetry | None = None
+
+
+def active_telemetry() -> Telemetry | None:
+    """The Telemetry this process has entered, if any (the parent's, during a run)."""
+    return _active
 
 
 def process_telemetry(role: str, task_index: int | None = None) -> Telemetry:

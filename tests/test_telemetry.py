@@ -221,7 +221,8 @@ def test_failed_urls_carry_their_reason_in_spans_and_metrics(
     urls = write_list(
         tmp_path / "urls.txt",
         [f"{server.url}/status/404/{n}" for n in range(6)]
-        + [f"{server.url}/html/{n}" for n in range(4)],
+        + [f"{server.url}/html/{n}" for n in range(4)]
+        + ["not a url", f"{server.url}/html/0"],  # outcomes the parent decides itself
     )
     result = run_cli(
         "fetch",
@@ -243,9 +244,22 @@ def test_failed_urls_carry_their_reason_in_spans_and_metrics(
     assert {s.attributes["http.response.status_code"] for s in not_found} == {404}
     points = receiver.points()
     failed = _metric_total(points, "imgdl.outcomes", **{"imgdl.outcome.status": "failed"})
-    assert sum(failed.values()) == 10
+    assert sum(failed.values()) == 12
     by_reason = _metric_total(points, "imgdl.outcomes", **{"imgdl.outcome.reason": "not_an_image"})
-    assert sum(by_reason.values()) == 4
+    assert sum(by_reason.values()) == 5
+    # the parent counts the lines it decides (an invalid line; a duplicate of a failed
+    # URL fails with its reason): with the workers' counts, every line is counted once
+    parent = {p.pid for p in points if p.role == "parent"}
+    (parent_pid,) = parent
+    assert sum(_metric_total(points, "imgdl.outcomes").values()) == 12
+    invalid = _metric_total(points, "imgdl.outcomes", **{"imgdl.outcome.reason": "invalid_url"})
+    assert invalid == {parent_pid: 1}
+    assert (
+        _metric_total(points, "imgdl.outcomes", **{"imgdl.outcome.reason": "not_an_image"})[
+            parent_pid
+        ]
+        == 1
+    )
 
 
 def test_standard_variables_name_the_service_and_reach_the_collector(
@@ -332,6 +346,7 @@ def test_sigterm_mid_run_still_flushes_every_worker(
     # add up to what the workers journaled (the manifest minus what the parent recorded)
     points = receiver.points()
     worker_outcomes = _metric_total(points, "imgdl.outcomes")
+    worker_outcomes = {pid: n for pid, n in worker_outcomes.items() if pid in worker_pids}
     assert set(worker_outcomes) == worker_pids
     url_spans = [s for s in receiver.spans() if s.name == "GET"]
     assert {s.pid for s in url_spans} == worker_pids
