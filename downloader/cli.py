@@ -287,26 +287,27 @@ def fetch(
     runner = Runner(settings, opened, task)
     with Telemetry("parent", task.index if task else None):
         exit_code, summary = runner.run()
-    records = runner.local_dir / runner.records_dir.relative_to(runner.outdir)
-    if not quiet:
-        click.echo(summary_text(summary, records), err=True)
-        if runner.target is not None and runner.records_location is not None:
-            click.echo(
-                f"imgdl: images in {runner.target.url}/, records in "
-                f"{runner.records_location.url}/ (uploaded from {records})",
-                err=True,
-            )
-    if params["html_report"]:  # not a setting: _effective passes over it
-        from downloader.htmlreport import report_after_fetch
-
-        written = report_after_fetch(records)
-        if runner.records_location is not None and (records / "report.html").exists():
-            try:
-                runner.upload(("report.html",))
-            except ImgdlError as exc:  # as for the report itself: the exit code stays
-                written += f"\nimgdl: {exc}"
+        # the summary before the final flush, which a dead collector can stretch to 5 s
+        records = runner.local_dir / runner.records_dir.relative_to(runner.outdir)
         if not quiet:
-            click.echo(written, err=True)
+            click.echo(summary_text(summary, records), err=True)
+            if runner.target is not None and runner.records_location is not None:
+                click.echo(
+                    f"imgdl: images in {runner.target.url}/, records in "
+                    f"{runner.records_location.url}/ (uploaded from {records})",
+                    err=True,
+                )
+        if params["html_report"]:  # not a setting: _effective passes over it
+            from downloader.htmlreport import report_after_fetch
+
+            written = report_after_fetch(records)
+            if runner.records_location is not None and (records / "report.html").exists():
+                try:
+                    runner.upload(("report.html",))
+                except ImgdlError as exc:  # as for the report itself: the exit code stays
+                    written += f"\nimgdl: {exc}"
+            if not quiet:
+                click.echo(written, err=True)
     sys.exit(exit_code)
 
 

@@ -10,6 +10,7 @@ are missing or did not finish, so a job is never taken as complete when it is no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -22,7 +23,15 @@ from downloader.errors import ImgdlError
 from downloader.outcomes import Status
 from downloader.report import EXIT_FAILURES, EXIT_OK, counts_of, write_records, write_summary
 from downloader.settings import S3Settings
-from downloader.state import FAILURES, MANIFEST, SUMMARY, TASKS_DIR, read_raw
+from downloader.state import (
+    FAILURES,
+    MANIFEST,
+    REPORT_HTML,
+    SUMMARY,
+    TASKS_DIR,
+    new_archive_folder,
+    read_raw,
+)
 from downloader.tasks import task_name
 
 _TASK_FOLDER = re.compile(r"task-(\d{5})-of-(\d{5})")
@@ -80,6 +89,7 @@ def merge(outdir: Path) -> dict[str, Any]:
                 unfinished[name] = "did not read its input to the end"
             yield from read_raw(folder / MANIFEST)
 
+    archived = _move_aside_other_records(outdir)
     totals = write_records(outdir, records())
     complete = not unfinished and not totals.repeated
     summary = {
@@ -93,8 +103,23 @@ def merge(outdir: Path) -> dict[str, Any]:
         "manifest": MANIFEST,
         "failures": FAILURES,
     }
+    if archived is not None:
+        summary["archived"] = str(archived.relative_to(outdir))
     write_summary(outdir, summary)
     return summary
+
+
+def _move_aside_other_records(outdir: Path) -> Path | None:
+    """Records in OUTDIR that are not an earlier merge's (a run of one task into the
+    same folder) go to previous-runs/, as a run over other inputs does: never lost."""
+    summary = _task_summary(outdir)
+    if not (outdir / MANIFEST).exists() or (summary is not None and "tasks" in summary):
+        return None
+    target = new_archive_folder(outdir)
+    for name in (MANIFEST, FAILURES, SUMMARY, REPORT_HTML):
+        with contextlib.suppress(FileNotFoundError):
+            (outdir / name).replace(target / name)
+    return target
 
 
 def merge_bucket(url: str, s3: S3Settings, workdir: Path) -> dict[str, Any]:
@@ -123,6 +148,11 @@ def merge_text(summary: dict[str, Any], outdir: str) -> str:
         f"imgdl: manifest {base}/{MANIFEST}; failures {base}/{FAILURES} "
         f"({summary['refetchable_failures']} to retry); exit {summary['exit_code']}",
     ]
+    if summary.get("archived"):
+        lines.append(
+            f"imgdl: the records that were in {base} (not a merge's) were moved to "
+            f"{base}/{summary['archived']}"
+        )
     for name, why in tasks["unfinished"].items():
         lines.append(f"imgdl: {name} {why}; run it (again) with the same command, then merge")
     if summary["lines_recorded_twice"]:

@@ -226,6 +226,20 @@ def _nonempty_file(path: Path) -> bool:
         return False
 
 
+def new_archive_folder(outdir: Path) -> Path:
+    """A new folder under OUTDIR/previous-runs/, never one that exists (two runs a second)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    (outdir / ARCHIVE_DIR).mkdir(exist_ok=True)
+    for n in range(1000):
+        target = outdir / ARCHIVE_DIR / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            target.mkdir()
+            return target
+        except FileExistsError:
+            continue
+    raise ImgdlError(f"cannot make a new folder in {outdir / ARCHIVE_DIR}")
+
+
 class RunState:
     """Opens the state of OUTDIR for a run: recovers, decides what is done, appends records."""
 
@@ -372,17 +386,7 @@ class RunState:
         self.archived = target
 
     def _archive_folder(self) -> Path:
-        """A new folder under previous-runs/, never one that exists (two runs a second)."""
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        (self.outdir / ARCHIVE_DIR).mkdir(exist_ok=True)
-        for n in range(1000):
-            target = self.outdir / ARCHIVE_DIR / (stamp if n == 0 else f"{stamp}-{n}")
-            try:
-                target.mkdir()
-                return target
-            except FileExistsError:
-                continue
-        raise ImgdlError(f"cannot make a new folder in {self.outdir / ARCHIVE_DIR}")
+        return new_archive_folder(self.outdir)
 
     # -- during the run --------------------------------------------------------------
 

@@ -118,6 +118,27 @@ def test_merge_names_a_missing_task(tmp_path: Path, server: DevServer) -> None:
     assert summary["lines"] == len(read_manifest(outdir)) < 30
 
 
+def test_merge_moves_aside_the_records_of_a_run_of_one(tmp_path: Path, server: DevServer) -> None:
+    """A folder that held a plain run's records, then the tasks of a split job: the
+    merge must not overwrite the plain run's records (found by a new user's trial)."""
+    urls = write_list(tmp_path / "urls.txt", [f"{server.url}/i/{n}.jpg" for n in range(12)])
+    outdir = tmp_path / "out"
+    assert run_cli("fetch", str(urls), "-o", str(outdir)).returncode == 0
+    plain = (outdir / "manifest.jsonl").read_bytes()
+    for index in range(2):
+        flags = ["--shard-index", str(index), "--shard-count", "2"]
+        assert run_cli("fetch", str(urls), "-o", str(outdir), *flags).returncode == 0
+    merged = run_cli("merge", str(outdir))
+    assert merged.returncode == 0, merged.stderr
+    (archive,) = (outdir / "previous-runs").iterdir()
+    assert (archive / "manifest.jsonl").read_bytes() == plain
+    assert f"were moved to {outdir}/previous-runs/" in merged.stderr
+    assert read_summary(outdir)["archived"] == f"previous-runs/{archive.name}"
+    assert len(read_manifest(outdir)) == 12
+    again = run_cli("merge", str(outdir))  # a merge's own records are simply replaced
+    assert again.returncode == 0 and len(list((outdir / "previous-runs").iterdir())) == 1
+
+
 def test_merge_without_tasks_is_a_usage_error(tmp_path: Path) -> None:
     result = run_cli("merge", str(tmp_path))
     assert result.returncode == 2
