@@ -15,19 +15,20 @@ line every ``log.progress_interval`` seconds.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from multiprocessing.context import SpawnContext
-from typing import Any
+from typing import Any, TextIO, cast
 
 from downloader.errors import ImgdlError
 from downloader.objstore import is_s3
 from downloader.outcomes import Outcome, Reason, Status
 from downloader.sources import open_binary
-from downloader.telemetry import get_logger
+from downloader.telemetry import get_logger, log_to
 
 #: Every outcome key: "saved", then each reason (a skip or a failure).
 KEYS: tuple[str, ...] = (Status.SAVED.value, *(r.value for r in Reason))
@@ -98,6 +99,25 @@ def count_lines(paths: Iterable[str], tasks: int = 1) -> int | None:
             while chunk := handle.read(1 << 20):
                 total += chunk.count(b"\n")
     return total // tasks
+
+
+class _AboveTheBar(io.TextIOBase):
+    """stderr for log lines while the bar is shown: each whole line is written above
+    the bar (tqdm clears it, then draws it again), not glued to its end."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        self._pending += text
+        if "\n" in self._pending:
+            lines, _, self._pending = self._pending.rpartition("\n")
+            with tqdm.external_write_mode(file=sys.stderr):
+                sys.stderr.write(lines + "\n")
+                sys.stderr.flush()
+        return len(text)
 
 
 class Progress:
@@ -196,6 +216,7 @@ class Progress:
                 smoothing=0.1,
                 bar_format=_COUNTING,
             )
+            log_to(cast(TextIO, _AboveTheBar()))  # a text stream, as io.TextIOBase
         self._thread = threading.Thread(target=self._tick, name="progress", daemon=True)
         self._thread.start()
         return self
@@ -238,3 +259,4 @@ class Progress:
         self.show()  # the final state: every line counted
         if self._bar is not None:
             self._bar.close()
+            log_to(sys.stderr)

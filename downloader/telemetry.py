@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
@@ -137,6 +137,15 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(max(logging.WARNING, _LEVELS[level]))
+
+
+def log_to(stream: TextIO) -> None:
+    """Send this process's log lines (imgdl's and the libraries') to ``stream``: the
+    progress bar's writer while a bar is on the terminal."""
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=stream))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(stream)
 
 
 def get_logger(**context: Any) -> Any:

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import select
 import struct
 import subprocess
@@ -87,6 +88,11 @@ def test_a_terminal_gets_a_progress_bar(
     assert f"saved {GOOD}" in last and f"failed {BAD} (http_error {BAD})" in last, last
     # an ETA was shown while it ran: "[elapsed<remaining, ...]"
     assert any("<00:" in f for f in frames[:-1]), frames[:3]
+    # log lines are written above the bar, never glued to its end (a new user's trial
+    # found "0 lines [00:00]2026-...  run started" before they were)
+    for frame in output.split("\r"):
+        assert not re.search(r"(lines \[[^\]]*\]|\))\s*\S*\d{4}-\d\d-\d\dT", frame), frame
+    assert "run started" in output and "run finished" in output
     # the bar stays, and the summary follows it
     assert "imgdl: 303 lines: 300 saved" in output
     assert len(read_manifest(outdir)) == total
