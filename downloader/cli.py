@@ -312,7 +312,7 @@ def fetch(
 
 
 @cli.command("report", short_help="Write OUTDIR/report.html: the run's numbers as charts.")
-@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("outdir")
 @click.option(
     "--output",
     "-o",
@@ -321,7 +321,7 @@ def fetch(
     help="Where to write the page [default: OUTDIR/report.html].",
 )
 @_user_errors
-def report_command(outdir: Path, output: Path | None) -> None:
+def report_command(outdir: str, output: Path | None) -> None:
     """Write an HTML report of the run in OUTDIR, from OUTDIR/manifest.jsonl.
 
     One self-contained page (inline SVG charts, no scripts, nothing loaded from
@@ -333,9 +333,16 @@ def report_command(outdir: Path, output: Path | None) -> None:
       imgdl report out/                    # writes out/report.html
       imgdl report out/ -o /tmp/run.html
     """
+    from downloader import objstore
     from downloader.htmlreport import write_report
 
-    click.echo(f"imgdl: report {write_report(outdir, output)}", err=True)
+    if objstore.is_s3(outdir):  # the records of an s3:// run are read where they were made
+        state = objstore.default_state_dir(objstore.parse(outdir))
+        raise ImgdlError(
+            f"imgdl report reads a local folder; the records of a run into {outdir} are in "
+            f"its state folder (--state-dir, by default {state}): imgdl report {state}"
+        )
+    click.echo(f"imgdl: report {write_report(Path(outdir), output)}", err=True)
 
 
 @cli.command()

@@ -377,7 +377,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
     server = DevServer(args.images, args.host, args.port)
-    web.run_app(server.app(), host=args.host, port=args.port, access_log=None)
+    # a short shutdown: a client left waiting on /hang/N must not hold Ctrl-C or kill
+    # for aiohttp's default 60 s
+    web.run_app(server.app(), host=args.host, port=args.port, access_log=None, shutdown_timeout=1.0)
 
 
 if __name__ == "__main__":

@@ -200,10 +200,36 @@ def open_store(
         raise ConfigError(f"cannot set up the S3 client for bucket {bucket}: {exc}") from None
 
 
+#: What to do about the store's errors users meet first, by a piece of the message.
+_HINTS = (
+    ("NoSuchBucket", "the bucket does not exist: create it, or check its name and region"),
+    (
+        "169.254.169.254",
+        "no AWS credentials were found (the client fell back to the instance metadata "
+        "service): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run "
+        "with a role",
+    ),
+    (
+        "error sending request",
+        "the store cannot be reached: check AWS_ENDPOINT_URL and the network",
+    ),
+    ("AccessDenied", "the credentials may not do this: check the bucket policy and the role"),
+    ("SignatureDoesNotMatch", "the secret key is wrong for this access key"),
+    ("InvalidAccessKeyId", "the access key is unknown to this store: check AWS_ACCESS_KEY_ID"),
+)
+
+
 def describe(exc: BaseException) -> str:
-    """obstore's messages end with the whole XML error body: keep the first line."""
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:500]
+    """obstore's messages end with the whole XML error body: keep the first line, the
+    S3 error code from the body, and what to do about it when we know."""
+    whole = str(exc).strip()
+    text = whole.splitlines()
+    first = re.sub(r":?\s*<\?xml[^>]*\?>", "", text[0] if text else type(exc).__name__)[:500]
+    code = re.search(r"<Code>([^<]{1,100})</Code>", whole)
+    if code and code[1] not in first:
+        first += f" ({code[1]})"
+    hints = [hint for needle, hint in _HINTS if needle in whole]
+    return f"{first}: {hints[0]}" if hints else first
 
 
 # -- what the prefix holds ------------------------------------------------------------

@@ -252,7 +252,11 @@ def summary_text(summary: dict[str, Any], outdir: Path) -> str:
         f"{summary['failed']} failed{reasons(Status.FAILED)}",
         f"imgdl: this run: {summary['this_run']['saved']} saved in {summary['elapsed_s']:.1f} s, "
         f"{summary['images_per_s']} images/s"
-        + (f"; {resumed} lines already done by an earlier run" if resumed else ""),
+        + (
+            f"; {resumed} {'line' if resumed == 1 else 'lines'} already done by an earlier run"
+            if resumed
+            else ""
+        ),
         f"imgdl: {_size(summary['bytes'])} saved in all; manifest {outdir / MANIFEST}; "
         f"failures {outdir / FAILURES} ({summary['refetchable_failures']} to retry); "
         f"exit {summary['exit_code']}",

@@ -191,6 +191,17 @@ class RunSettings(_Section):
         "from AWS_BATCH_JOB_ARRAY_SIZE or CLOUD_RUN_TASK_COUNT.",
     )
 
+    @pydantic.field_validator("shard_count")
+    @classmethod
+    def _index_below_count(cls, count: int | None, info: pydantic.ValidationInfo) -> int | None:
+        """Both set (in one file, or by flags): the index must be one of the N tasks."""
+        index = info.data.get("shard_index")
+        if count is not None and index is not None and index >= count:
+            raise ValueError(
+                f"shard_index {index} is not below {count}: the index counts from 0 to {count - 1}"
+            )
+        return count
+
 
 class HttpSettings(_Section):
     """Requests: how many at once, how long they may take, what they say about us."""
@@ -244,6 +255,12 @@ class NetworkSettings(_Section):
         "intranet page into the output. Example for a server on this machine: "
         '[127.0.0.0/8, "::1/128"].',
     )
+
+    @pydantic.field_validator("allow", mode="before")
+    @classmethod
+    def _one_network(cls, value: Any) -> Any:
+        """``allow: 127.0.0.0/8`` (one network, without brackets) as a list of one."""
+        return [value] if isinstance(value, str) else value
 
     @pydantic.field_validator("allow")
     @classmethod

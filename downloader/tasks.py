@@ -115,13 +115,14 @@ def resolve(settings: Settings, env: Mapping[str, str] = os.environ) -> TaskSlic
             "sets JOB_COMPLETION_INDEX, AWS_BATCH_JOB_ARRAY_INDEX or CLOUD_RUN_TASK_INDEX"
         )
     if count is None:
-        raise ConfigError(
-            f"{source} is {index} but the number of tasks is not set: pass --shard-count "
-            "or set IMGDL_RUN_SHARD_COUNT (for a Kubernetes indexed Job, to its completions)"
-        )
+        where = {
+            "JOB_COMPLETION_INDEX": "IMGDL_RUN_SHARD_COUNT to the Job's completions",
+            "AWS_BATCH_JOB_ARRAY_INDEX": "AWS_BATCH_JOB_ARRAY_SIZE to the array size",
+        }.get(source, "--shard-count or IMGDL_RUN_SHARD_COUNT")
+        raise ConfigError(f"{source} is {index} but the number of tasks is not set: set {where}")
     if count < 1 or index >= count:
         raise ConfigError(
             f"{source} is {index}, outside 0..{count - 1} for {count} tasks: the index "
-            "counts from 0 and must be below --shard-count"
+            "counts from 0 and must be below the number of tasks"
         )
     return None if count == 1 else TaskSlice(index, count, source)

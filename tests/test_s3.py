@@ -285,6 +285,30 @@ def test_a_bucket_that_does_not_exist_stops_the_run_before_it_starts(
     assert result.returncode == 2
     assert "cannot list s3://no-such-bucket/x" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    # what to do, not the XML header the store's answer starts with
+    assert "the bucket does not exist: create it" in result.stderr, result.stderr
+    assert "<?xml" not in result.stderr
+
+
+def test_a_store_that_cannot_be_reached_says_where_to_look(tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/i/1.jpg"])
+    env = clean_env(
+        **CREDENTIALS,
+        AWS_ENDPOINT_URL="http://127.0.0.1:9",
+        HOME=str(tmp_path),
+        IMGDL_S3_RETRIES="0",
+        IMGDL_S3_TIMEOUT="2",
+    )
+    result = run_cli("fetch", str(listing), "-o", "s3://some-bucket/x", env=env)
+    assert result.returncode == 2
+    assert "check AWS_ENDPOINT_URL" in result.stderr, result.stderr
+
+
+def test_report_on_a_bucket_points_at_the_local_records(tmp_path: Path) -> None:
+    result = run_cli("report", "s3://images/run1")
+    assert result.returncode == 2
+    assert "imgdl report imgdl-state/images/run1" in result.stderr
+    assert "s3:/images" not in result.stderr
 
 
 def test_without_the_s3_client_the_error_says_what_to_install(tmp_path: Path) -> None:

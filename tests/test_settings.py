@@ -84,6 +84,7 @@ def test_unknown_config_key_names_key_and_file(tmp_path: Path) -> None:
             "limits:\n  hosts:\n    a.example: {rate: 1, conections: 2}\n",
             "bad.yaml:3: limits.hosts.a.example.conections: .*did you mean 'connections'",
         ),
+        ("run:\n  shard_index: 5\n  shard_count: 2\n", "shard_index 5 is not below 2"),
     ],
 )
 def test_bad_config_values_are_named(tmp_path: Path, text: str, expected: str) -> None:
@@ -100,6 +101,12 @@ def test_bad_env_value_and_unknown_env_name(tmp_path: Path) -> None:
     result = run_cli("config", "show", env=clean_env(IMGDL_HTTP_CONCURENCY="3"))
     assert result.returncode == 2
     assert "IMGDL_HTTP_CONCURENCY" in result.stderr and "IMGDL_HTTP_CONCURRENCY" in result.stderr
+
+
+def test_one_network_without_brackets_is_a_list_of_one(tmp_path: Path) -> None:
+    config = tmp_path / "one.yaml"
+    config.write_text("network:\n  allow: 127.0.0.0/8\n")
+    assert settings_mod.load(config_file=config, env={}).settings.network.allow == ["127.0.0.0/8"]
 
 
 def test_list_settings_from_env_take_commas() -> None:

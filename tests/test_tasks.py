@@ -149,7 +149,9 @@ def test_merge_without_tasks_is_a_usage_error(tmp_path: Path) -> None:
     ("env", "flags", "message"),
     [
         ({"JOB_COMPLETION_INDEX": "3"}, [], "IMGDL_RUN_SHARD_COUNT"),
-        ({}, ["--shard-index", "4", "--shard-count", "4"], "outside 0..3"),
+        ({"AWS_BATCH_JOB_ARRAY_INDEX": "1"}, [], "set AWS_BATCH_JOB_ARRAY_SIZE"),
+        ({}, ["--shard-index", "4", "--shard-count", "4"], "not below 4"),
+        ({"IMGDL_RUN_SHARD_COUNT": "4", "JOB_COMPLETION_INDEX": "4"}, [], "outside 0..3"),
         ({}, ["--shard-count", "4"], "--shard-index"),
         ({"AWS_BATCH_JOB_ARRAY_INDEX": "x", "AWS_BATCH_JOB_ARRAY_SIZE": "2"}, [], "not a whole"),
     ],
