@@ -287,7 +287,9 @@ class TlsSettings(_Section):
     ca_bundle: Path | None = Field(
         None,
         description="Extra CA certificates to trust besides the system's: a PEM file or a "
-        "folder prepared with c_rehash/openssl rehash. null: the system's only.",
+        "folder prepared with c_rehash/openssl rehash. null: the system's only. The "
+        "system's trust store is OpenSSL's: SSL_CERT_FILE and SSL_CERT_DIR, when set, "
+        "replace it, as for curl.",
     )
 
 

@@ -28,9 +28,22 @@ def server() -> Iterator[DevServer]:
 LOOPBACK_ALLOWED = ALLOW_LOOPBACK
 
 
+#: This machine's own trust store and proxy settings: a test sets them itself when it
+#: is about them, and must not pass or fail by what the machine it runs on has.
+_MACHINE_ONLY = frozenset(
+    {"SSL_CERT_FILE", "SSL_CERT_DIR"}
+    | {f"{name}_proxy" for name in ("http", "https", "all", "no")}
+    | {f"{name}_PROXY" for name in ("HTTP", "HTTPS", "ALL", "NO")}
+)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for a CLI run: no stray IMGDL_/OTEL_ settings, loopback allowed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGDL_", "OTEL_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("IMGDL_", "OTEL_")) and k not in _MACHINE_ONLY
+    }
     env.update(LOOPBACK_ALLOWED)
     env.update(extra)
     return env
