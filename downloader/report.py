@@ -62,7 +62,7 @@ class Totals:
             self.by_reason[reason] += 1
         if reason == Reason.HTTP_ERROR and record.get("http_status") is not None:
             self.http_errors[record["http_status"]] += 1
-        if record["status"] == Status.SAVED:
+        if record["status"] == Status.SAVED or reason == Reason.NOT_MODIFIED:  # on disk
             self.bytes += record.get("bytes") or 0
         if refetchable(record):
             self.refetchable += 1
@@ -179,6 +179,10 @@ class RunReport:
                 outcome = Outcome.not_saved(job, missing, error=error)
                 found = (outcome, outcome.to_json())
                 self.record(*found)
+            elif found[0].reason is Reason.NOT_MODIFIED and self.state.validators is not None:
+                kept = self.state.validators.kept(found[0])
+                found = (kept, kept.to_json())
+                self._append(*found)
             else:
                 self._append(*found)
             finished.append(found)

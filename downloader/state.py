@@ -29,6 +29,7 @@ found by name and not fetched again).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -189,6 +190,10 @@ def _well_formed(raw: Any) -> bool:
     )
 
 
+#: The fields of a saved image that a 304 (not_modified) leaves as they were.
+KEPT_BY_NOT_MODIFIED = ("bytes", "sha256", "content_type", "width", "height", "final_url")
+
+
 class Validators:
     """ETag / Last-Modified / path of the lines an earlier run saved, on disk (SQLite)."""
 
@@ -198,13 +203,33 @@ class Validators:
         self._db.executescript(
             "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;"
             "CREATE TABLE v (input TEXT, line INTEGER, etag TEXT, modified TEXT, path TEXT,"
-            " PRIMARY KEY (input, line)); BEGIN;"
+            " record TEXT, PRIMARY KEY (input, line)); BEGIN;"
         )
 
     def add(self, outcome: Outcome) -> None:
         self._db.execute(
-            "INSERT OR IGNORE INTO v VALUES (?, ?, ?, ?, ?)",
-            (outcome.input, outcome.line, outcome.etag, outcome.last_modified, outcome.path),
+            "INSERT OR IGNORE INTO v VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                outcome.input,
+                outcome.line,
+                outcome.etag,
+                outcome.last_modified,
+                outcome.path,
+                outcome.to_json(),
+            ),
+        )
+
+    def kept(self, outcome: Outcome) -> Outcome:
+        """A 304's record with what it kept: the file's size, hash, type and dimensions
+        (and where it came from), from the record of the run that saved it."""
+        row = self._db.execute(
+            "SELECT record FROM v WHERE input = ? AND line = ?", (outcome.input, outcome.line)
+        ).fetchone()
+        if row is None:
+            return outcome
+        before = Outcome.decode(row[0])
+        return dataclasses.replace(
+            outcome, **{name: before.get(name) for name in KEPT_BY_NOT_MODIFIED}
         )
 
     def get(self, label: str, line: int) -> tuple[str | None, str | None, str] | None:

@@ -343,6 +343,13 @@ def test_revalidate_asks_again_and_keeps_or_replaces(server: DevServer, tmp_path
     }
     assert {r["path"] for r in records} == {r["path"] for r in first.values()}
     assert {p: p.stat().st_mtime_ns for p in image_files(out)} == before  # nothing rewritten
+    # a kept image keeps its record: size, hash, type, dimensions (a trial found them
+    # emptied, and the summary then said 0 bytes saved in all)
+    for record in records:
+        was = first[record["line"]]
+        for field in ("bytes", "sha256", "content_type", "width", "height"):
+            assert record[field] == was[field], field
+    assert read_summary(out)["bytes"] == sum(r["bytes"] for r in first.values())
 
     server.etag_version = 4  # the server has new images under the same URLs
     changed = run_cli("fetch", str(listing), "-o", str(out), "--revalidate")
