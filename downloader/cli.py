@@ -417,12 +417,18 @@ def config_show(config_file: Path | None, **params: Any) -> None:
     Precedence, highest first: flags, IMGDL_* environment variables, the
     config file (--config or IMGDL_CONFIG), defaults.
     """
+    from downloader import tasks
+
     effective = _effective(config_file, params)
     width = max(len(k) for k in settings_mod.KEYS)
-    resolved = {
+    task = tasks.resolve(effective.settings)  # an orchestrator's index without a count: exit 2
+    resolved: dict[str, Any] = {
         "run.processes": effective.settings.processes,
         "run.shards_in_flight": effective.settings.shards_in_flight,
     }
+    if task is not None:
+        resolved["run.shard_index"] = f"{task.index} (from {task.source})"
+        resolved["run.shard_count"] = task.count
     for key, value, source in effective.items():
         shown = json.dumps(value) if value is None or isinstance(value, bool) else str(value)
         if value is None and key in resolved:

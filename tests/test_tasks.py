@@ -139,6 +139,18 @@ def test_merge_moves_aside_the_records_of_a_run_of_one(tmp_path: Path, server: D
     assert again.returncode == 0 and len(list((outdir / "previous-runs").iterdir())) == 1
 
 
+def test_config_show_says_which_task_this_is() -> None:
+    shown = run_cli(
+        "config", "show", env=clean_env(CLOUD_RUN_TASK_INDEX="2", CLOUD_RUN_TASK_COUNT="5")
+    )
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split()[0]: line for line in shown.stdout.splitlines()}
+    assert "# default: 2 (from CLOUD_RUN_TASK_INDEX)" in rows["run.shard_index"]
+    assert "# default: 5" in rows["run.shard_count"]
+    refused = run_cli("config", "show", env=clean_env(JOB_COMPLETION_INDEX="2"))
+    assert refused.returncode == 2 and "IMGDL_RUN_SHARD_COUNT" in refused.stderr
+
+
 def test_merge_without_tasks_is_a_usage_error(tmp_path: Path) -> None:
     result = run_cli("merge", str(tmp_path))
     assert result.returncode == 2
