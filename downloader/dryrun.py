@@ -109,6 +109,7 @@ class DryRun:
             ("invalid lines", f"{self.failing[Reason.INVALID_URL]:,}"),
             ("invalid names", f"{self.failing[Reason.INVALID_NAME]:,}"),
             ("name collisions", f"{self.failing[Reason.NAME_COLLISION]:,}"),
+            ("blocked addresses", f"{self.failing[Reason.BLOCKED_ADDRESS]:,} (literal IPs)"),
             ("hosts", f"{hosts}" + (f" (most URLs: {busiest})" if busiest else "")),
             ("output folder", f"{self.outdir} ({folder})"),
         ]
@@ -129,6 +130,10 @@ def dry_run(settings: Settings, inputs: list[InputList], task: TaskSlice | None 
     """Read every line of ``inputs`` and decide what a run would do with it, offline.
     With ``task`` (a split job), only the lines that task takes, as its run would."""
     require_pillow(settings.validate_)  # a run with decode on and no Pillow stops here too
+    # imported here: the network policy pulls in aiohttp, which a parent does not need
+    from downloader.netpolicy import BlockedAddressError, NetworkPolicy
+
+    policy = NetworkPolicy.from_strings(settings.network.allow)
     outdir = settings.output.dir
     report = DryRun(inputs=[(i.label, i.format) for i in inputs], outdir=outdir, task=task)
     template = settings.output.name_template
@@ -148,6 +153,13 @@ def dry_run(settings: Settings, inputs: list[InputList], task: TaskSlice | None 
                 if isinstance(item, Outcome):
                     report.record(item)
                 elif duplicates.admit(item):
+                    try:  # a literal address the policy refuses fails before any request
+                        policy.check_host(urlsplit(item.url).hostname or "")
+                    except BlockedAddressError as exc:
+                        report.record(
+                            Outcome.not_saved(item, Reason.BLOCKED_ADDRESS, error=str(exc))
+                        )
+                        continue
                     _name(report, item, template)
         finally:
             duplicates.discard()

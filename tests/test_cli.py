@@ -175,6 +175,24 @@ def test_dry_run_counts_as_the_run_would_without_a_request(
     assert summary["by_reason"] == {"duplicate": 3, "invalid_url": 2}
 
 
+def test_dry_run_counts_literal_addresses_the_policy_refuses(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """A URL on 127.0.0.1 without network.allow fails before any request: the dry run
+    says so, as the run would (a new user's trial found it counted as to fetch)."""
+    urls = [f"{server.url}/i/{n}.jpg" for n in range(4)] + ["http://10.1.2.3/x.jpg"]
+    listing = write_list(tmp_path / "u.txt", urls)
+    env = {k: v for k, v in clean_env().items() if k != "IMGDL_NETWORK_ALLOW"}
+    dry = run_cli("fetch", "--dry-run", str(listing), "-o", str(tmp_path / "d"), env=env)
+    assert dry.returncode == 1, dry.stderr
+    rows = _report(dry.stdout)
+    assert rows["to fetch"] == "0" and rows["blocked addresses"].startswith("5 ")
+    assert f"{listing}:5: blocked_address: 10.1.2.3 is private" in dry.stdout
+    real = run_cli("fetch", str(listing), "-o", str(tmp_path / "r"), env=env)
+    assert read_summary(tmp_path / "r")["by_reason"] == {"blocked_address": 5}
+    assert real.returncode == 1 and server.requests == []
+
+
 def test_dry_run_checks_names_as_the_run_would(server: DevServer, tmp_path: Path) -> None:
     listing = tmp_path / "named.csv"
     listing.write_text(
