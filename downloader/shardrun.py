@@ -256,7 +256,11 @@ class ShardRun:
                 self.deferred.append((later.job, later.delay))
                 continue
             except asyncio.CancelledError:
-                journal.write(Outcome.not_saved(job, Reason.INTERRUPTED, error="grace period over"))
+                # the try that was cut counts: it reached the server
+                cut = Outcome.not_saved(
+                    job, Reason.INTERRUPTED, error="grace period over", attempts=job.tries + 1
+                )
+                journal.write(cut)
                 raise
             except Exception as exc:  # a bug in fetch: this URL fails, the others go on
                 outcome = Outcome.not_saved(job, Reason.INTERNAL_ERROR, error=repr(exc))

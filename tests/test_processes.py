@@ -146,6 +146,27 @@ def test_sighup_ignored_at_start_stays_ignored(server: DevServer, tmp_path: Path
     assert read_summary(out)["saved"] == 40
 
 
+def test_a_download_cut_by_the_grace_period_counts_its_try(
+    server: DevServer, tmp_path: Path
+) -> None:
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/hang/{n}" for n in range(2)])
+    out = tmp_path / "out"
+    proc = start_cli(
+        "fetch", str(listing), "-o", str(out), env=clean_env(IMGDL_RUN_GRACE_PERIOD="0.5")
+    )
+    try:
+        wait_for(lambda: len(server.requests) >= 2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr.decode()[-2000:]
+    records = read_manifest(out)
+    assert {(r["reason"], r["error"], r["attempts"]) for r in records} == {
+        ("interrupted", "grace period over", 1)
+    }
+
+
 def test_second_sigint_aborts_at_once(server: DevServer, tmp_path: Path) -> None:
     urls = [f"{server.url}/i/{n}.jpg" for n in range(10)]
     urls += [f"{server.url}/block/{n}" for n in range(6)]
