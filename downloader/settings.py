@@ -448,7 +448,9 @@ class HostRule(_Section):
     @pydantic.field_validator("headers")
     @classmethod
     def _allowed_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
+        for name, text in value.items():
+            if any(c in name + text for c in "\r\n\0"):  # the value is not quoted back
+                raise ValueError(f"header {name}: a name or value may not break the line")
             if name.lower() in _RESERVED_HEADERS:
                 raise ValueError(
                     f"header {name} is not set in headers: credentials go in auth (from an "

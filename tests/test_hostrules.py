@@ -3,11 +3,13 @@ servers on 127.0.0.1 and 127.0.0.2 (two hosts, both loopback)."""
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 from yarl import URL
 
 from downloader.devserver import DevServer
@@ -276,3 +278,31 @@ def test_an_unreadable_cookies_file_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         HostRules.load(settings, env={})
     assert str(bad) in str(caught.value) and COOKIE_VALUE not in str(caught.value)
+
+
+def test_no_credentials_after_a_redirect_from_https_to_http(
+    server: DevServer, tmp_path: Path
+) -> None:
+    _secure(server)
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    cookies = _cookies_file(tmp_path / "cookies.txt", "127.0.0.1")
+    config = _config(
+        tmp_path / "c.yaml",
+        f"tls: {{ca_bundle: {bundle}}}\n"
+        "hosts:\n  rules:\n    - match: 127.0.0.1\n"
+        "      auth: {type: bearer, token_env: TEST_HOST_TOKEN}\n"
+        f"      cookies_file: {cookies}\n",
+    )
+    with DevServer(ssl_context=context) as secure:
+        _secure(secure)
+        url = f"{secure.url}/redirect?to={server.url}/auth/bearer/1"  # same host, in clear
+        (record,) = _fetch(tmp_path, [url], "--config", str(config), TEST_HOST_TOKEN=TOKEN)
+        assert [(a, c) for _, a, c, _ in secure.credentials_seen] == [
+            (f"Bearer {TOKEN}", f"session={COOKIE_VALUE}; secure_only=x")  # https: both
+        ]
+    assert (record["status"], record["http_status"]) == ("failed", 401)
+    assert [(a, c) for _, a, c, _ in server.credentials_seen] == [("", "")]
