@@ -14,6 +14,7 @@ import click
 from downloader import __version__
 from downloader import settings as settings_mod
 from downloader.errors import ImgdlError
+from downloader.hostrules import redacted
 from downloader.report import EXIT_USAGE, summary_text
 
 EXIT_CODES_HELP = """\b
@@ -430,6 +431,8 @@ def config_show(config_file: Path | None, **params: Any) -> None:
         resolved["run.shard_index"] = f"{task.index} (from {task.source})"
         resolved["run.shard_count"] = task.count
     for key, value, source in effective.items():
+        if key == "hosts.rules":  # header values may be secrets
+            value = redacted(value)
         shown = json.dumps(value) if value is None or isinstance(value, bool) else str(value)
         if value is None and key in resolved:
             source = f"{source}: {resolved[key]}"

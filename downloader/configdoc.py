@@ -111,10 +111,14 @@ def _fill(text: str) -> str:
 
 def _entries(section: str, name: str) -> list[tuple[str, str]]:
     """The keys of each entry of a mapping setting (limits.hosts), with their meaning."""
-    if (section, name) != ("limits", "hosts"):
+    entries: dict[tuple[str, str], type[BaseModel]] = {
+        ("limits", "hosts"): settings_mod.HostLimits,
+        ("hosts", "rules"): settings_mod.HostRule,
+    }
+    entry = entries.get((section, name))
+    if entry is None:
         return []
-    host = settings_mod.HostLimits
-    return [(key, field.description or "") for key, field in host.model_fields.items()]
+    return [(key, field.description or "") for key, field in entry.model_fields.items()]
 
 
 def markdown() -> str:

@@ -27,6 +27,9 @@ Routes (``N`` is any integer; it picks an image, so every URL is distinct):
     /body/NAME            the bytes and Content-Type given as ``bodies[NAME]``
     /etag/N               image N + ``etag_version`` with an ETag; 304 on If-None-Match
     /loop/N               302 to itself, forever
+    /auth/bearer/N        an image with ``Authorization: Bearer <bearer_token>``, else 401
+    /auth/basic/N         an image with basic credentials ``basic_auth``, else 401
+    /cookie/N             an image with the cookie ``cookie`` (NAME=VALUE), else 403
     /_stats               JSON: requests seen so far
 """
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import email.utils
 import mimetypes
 import socket
@@ -155,6 +159,11 @@ class DevServer(BackgroundApp):
         self.etag_version = 0
         self._bomb_cache: bytes | None = None
         self.max_inflight = 0
+        self.bearer_token = "dev-token"
+        self.basic_auth = ("dev", "dev-password")
+        self.cookie = "session=dev-cookie"
+        #: (path, Authorization, Cookie, Referer) of every request, for the tests
+        self.credentials_seen: list[tuple[str, str, str, str]] = []
 
     @property
     def url(self) -> str:
@@ -186,6 +195,9 @@ class DevServer(BackgroundApp):
         app.router.add_get("/declared-huge/{n:\\d+}", self._declared_huge)
         app.router.add_get("/body/{name}", self._body)
         app.router.add_get("/etag/{n:\\d+}", self._etag)
+        app.router.add_get("/auth/bearer/{n:\\d+}", self._bearer)
+        app.router.add_get("/auth/basic/{n:\\d+}", self._basic)
+        app.router.add_get("/cookie/{n:\\d+}", self._cookie)
         app.router.add_get("/_stats", self._stats)
         return app
 
@@ -197,6 +209,14 @@ class DevServer(BackgroundApp):
             return await handler(request)
         self.requests.append((time.monotonic(), request.host, request.path_qs))
         self.user_agents.add(request.headers.get("User-Agent", ""))
+        self.credentials_seen.append(
+            (
+                request.path_qs,
+                request.headers.get("Authorization", ""),
+                request.headers.get("Cookie", ""),
+                request.headers.get("Referer", ""),
+            )
+        )
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
         try:
@@ -298,6 +318,24 @@ class DevServer(BackgroundApp):
 
     async def _redirect(self, request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": request.query.get("to", "/")})
+
+    async def _bearer(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.bearer_token}":
+            return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
+        return await self._image(request)
+
+    async def _basic(self, request: web.Request) -> web.Response:
+        pair = ":".join(self.basic_auth).encode()
+        expected = "Basic " + base64.b64encode(pair).decode()
+        if request.headers.get("Authorization") != expected:
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="dev"'})
+        return await self._image(request)
+
+    async def _cookie(self, request: web.Request) -> web.Response:
+        name, _, value = self.cookie.partition("=")
+        if request.cookies.get(name) != value:
+            return web.Response(status=403, text="no cookie")
+        return await self._image(request)
 
     async def _loop_redirect(self, request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": request.path})

@@ -20,6 +20,7 @@ from yarl import URL
 
 from downloader.body import CHUNK_BYTES, Body, BodyError
 from downloader.errors import UnsafeNameError
+from downloader.hostrules import HostRules
 from downloader.imagesize import image_size
 from downloader.limits import Limiter
 from downloader.manners import opted_out
@@ -158,6 +159,7 @@ class Fetcher:
         self.spool_bytes = spool_bytes(settings.http.concurrency)
         self.min_speed = settings.http.min_speed
         self.limiter = limiter
+        self.hosts = HostRules.load(settings.hosts)
 
     async def fetch(self, job: Job) -> Outcome:
         """Download one job, retrying as the policy says; returns an outcome, or raises
@@ -210,10 +212,13 @@ class Fetcher:
     async def _download(self, job: Job, stem: str, this_try: _Try) -> Outcome:
         """Follow redirects ourselves: every hop's scheme and address are checked."""
         url = URL(job.url)
+        downgraded = False  # an https hop led to an http one: no credentials from there on
         async with self._turn(url.raw_host or ""):
             for _ in range(self.max_redirects + 1):
                 self.policy.check_host(url.raw_host or "")
-                async with await self._request(url, _conditions(job)) as resp:
+                # each hop gets the headers of its own host's rule, and only those
+                headers = {**_conditions(job), **self.hosts.headers_for(url, downgraded)}
+                async with await self._request(url, headers) as resp:
                     if resp.status == 304 and job.revalidating:
                         return Outcome.not_saved(
                             job,
@@ -227,7 +232,9 @@ class Fetcher:
                         )
                     location = resp.headers.get("Location")
                     if resp.status in _REDIRECTS and location:
-                        url = self._next_hop(url, location, resp.status)
+                        hop = self._next_hop(url, location, resp.status)
+                        downgraded |= url.scheme == "https" and hop.scheme != "https"
+                        url = hop
                         continue
                     outcome = await self._respond(job, stem, resp, this_try)
                     if str(url) != job.url:

@@ -344,6 +344,147 @@ class LimitsSettings(_Section):
         return {host.lower(): limits for host, limits in value.items()}
 
 
+#: Headers a rule may not set: credentials and cookies have keys of their own
+#: (auth, cookies_file), so that they are read from outside the file and kept to their host.
+_RESERVED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "host"})
+#: Keys that would put a secret in the config file itself.
+_LITERAL_SECRETS = {"token": "token_env or token_file", "password": "password_env or password_file"}
+
+
+class HostAuth(_Section):
+    """The credentials of a host rule: read from an environment variable or a file."""
+
+    type: Literal["bearer", "basic"] = Field(
+        description="bearer (Authorization: Bearer TOKEN) or basic (user name and password)."
+    )
+    token_env: str | None = Field(
+        None, min_length=1, description="bearer: the environment variable that holds the token."
+    )
+    token_file: Path | None = Field(
+        None, description="bearer: a file that holds the token (surrounding blanks dropped)."
+    )
+    username: str | None = Field(None, min_length=1, description="basic: the user name.")
+    password_env: str | None = Field(
+        None, min_length=1, description="basic: the environment variable that holds the password."
+    )
+    password_file: Path | None = Field(
+        None, description="basic: a file that holds the password (surrounding blanks dropped)."
+    )
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _no_literal_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, instead in _LITERAL_SECRETS.items():
+                if key in data:
+                    raise ValueError(
+                        f"auth.{key}: a secret is never written in the config file; use "
+                        f"{instead} (the name of an environment variable, or the path of a "
+                        "file that holds it)"
+                    )
+        return data
+
+    @pydantic.field_validator("token_env", "password_env")
+    @classmethod
+    def _not_a_setting(cls, name: str | None) -> str | None:
+        if name is not None and name.startswith(ENV_PREFIX):
+            raise ValueError(
+                f"{name}: imgdl reads every {ENV_PREFIX}* variable as a setting; give the "
+                "secret's variable another name (e.g. EXAMPLE_TOKEN)"
+            )
+        return name
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> HostAuth:
+        if self.type == "bearer":
+            if (self.token_env is None) == (self.token_file is None):
+                raise ValueError("auth of type bearer needs one of token_env or token_file")
+            if self.username or self.password_env or self.password_file:
+                raise ValueError("auth of type bearer takes token_env or token_file only")
+        else:
+            if not self.username:
+                raise ValueError("auth of type basic needs username")
+            if (self.password_env is None) == (self.password_file is None):
+                raise ValueError("auth of type basic needs one of password_env or password_file")
+            if self.token_env or self.token_file:
+                raise ValueError("auth of type basic takes username and password_env/_file")
+        return self
+
+
+class HostRule(_Section):
+    """One entry of ``hosts.rules``."""
+
+    match: str = Field(
+        min_length=1,
+        description="The host this rule is for: a name (images.example.com) or address, "
+        "or *.example.com for every host below example.com (not example.com itself).",
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra request headers (not Authorization, Cookie or Host: see auth "
+        "and cookies_file). config show prints their values as ***.",
+    )
+    referer: str | None = Field(None, description="The Referer header sent to this host.")
+    cookies_file: Path | None = Field(
+        None,
+        description="A cookies.txt in the Netscape format that curl and browsers export; "
+        "each request carries the cookies whose domain, path, secure flag and expiry fit it.",
+    )
+    auth: HostAuth | None = Field(
+        None,
+        description="Credentials: {type: bearer, token_env: NAME | token_file: PATH} or "
+        "{type: basic, username: U, password_env: NAME | password_file: PATH}.",
+    )
+
+    @pydantic.field_validator("match")
+    @classmethod
+    def _host_pattern(cls, value: str) -> str:
+        bare = value.removeprefix("*.")
+        if "/" in value or "*" in bare or value.count(":") == 1 or not bare.strip():
+            raise ValueError(
+                f"{value!r} is not a host: write a host name without scheme, port or path, "
+                "or *.example.com for every host below example.com"
+            )
+        return value.lower()
+
+    @pydantic.field_validator("headers")
+    @classmethod
+    def _allowed_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if any(c in name + text for c in "\r\n\0"):  # the value is not quoted back
+                raise ValueError(f"header {name}: a name or value may not break the line")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(
+                    f"header {name} is not set in headers: credentials go in auth (from an "
+                    "environment variable or a file), cookies in cookies_file"
+                )
+        return value
+
+
+class HostsSettings(_Section):
+    """Headers, cookies and credentials sent to particular hosts, and only to them."""
+
+    rules: list[HostRule] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Rules by host: each request (and each redirect hop) gets the headers, "
+        "Referer, cookies and credentials of the one rule that matches its host best (an "
+        "exact name before *.sub.example.com before *.example.com); a host no rule "
+        "matches gets none. Secrets are read from environment variables or files, never "
+        "written here. e.g. [{match: '*.example.com', auth: {type: bearer, token_env: "
+        "EXAMPLE_TOKEN}, cookies_file: cookies.txt, referer: 'https://example.com/'}].",
+    )
+
+    @pydantic.field_validator("rules")
+    @classmethod
+    def _one_rule_per_host(cls, value: list[HostRule]) -> list[HostRule]:
+        seen = [rule.match for rule in value]
+        twice = sorted({m for m in seen if seen.count(m) > 1})
+        if twice:
+            raise ValueError(f"more than one rule for {', '.join(twice)}: merge them into one")
+        return value
+
+
 class RetrySettings(_Section):
     """Which failures are tried again, how often, and how long to wait in between."""
 
@@ -469,6 +610,7 @@ class Settings(_Section):
     network: NetworkSettings = NetworkSettings()
     tls: TlsSettings = TlsSettings()
     limits: LimitsSettings = LimitsSettings()
+    hosts: HostsSettings = HostsSettings()
     retry: RetrySettings = RetrySettings()
     manners: MannersSettings = MannersSettings()
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
@@ -527,6 +669,8 @@ def _type_words(annotation: Any) -> str:
         return "one of " + ", ".join(str(a) for a in args)
     if isinstance(annotation, types.UnionType):
         return " or ".join(_type_words(a) for a in args if a is not type(None)) + " or null"
+    if origin is list and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return f"list of {{{', '.join(args[0].model_fields)}}}"
     if origin is list:
         item = _type_words(args[0])
         return f"list of {item if item == 'text' else item + 's'}"
@@ -850,6 +994,8 @@ def _explain(err: pydantic_core.ErrorDetails, loc: tuple[str, ...]) -> str:
     if err["type"] == "value_error":  # our validators say what is wrong and what to write
         return err["msg"].removeprefix("Value error, ")
     got = repr(err["input"])
+    if loc[0] == "hosts":  # a header's value may be a secret: never echo it
+        got = type(err["input"]).__name__
     message = f"{err['msg']}, got {got if len(got) <= 60 else got[:57] + '...'}"
     field = _field_at(loc)
     if field is None:
@@ -918,11 +1064,14 @@ def _nested_fields(loc: list[str]) -> list[str]:
     """The keys allowed where a nested value (like a limits.hosts entry) had an extra one."""
     if loc[:2] == ["limits", "hosts"]:
         return list(HostLimits.model_fields)
+    if loc[:2] == ["hosts", "rules"]:
+        return list((HostAuth if "auth" in loc[3:-1] else HostRule).model_fields)
     return []
 
 
 def _check_consistency(settings: Settings, layers: _Layers) -> list[Problem]:
     # Imported here: storage depends on settings' types only through plain values.
+    from downloader.hostrules import HostRules
     from downloader.objstore import check_output
     from downloader.storage import check_template
     from downloader.tls import ssl_context
@@ -931,6 +1080,7 @@ def _check_consistency(settings: Settings, layers: _Layers) -> list[Problem]:
         ("output.dir", lambda: check_output(settings.output.dir)),
         ("output.name_template", lambda: check_template(settings.output.name_template)),
         ("tls.ca_bundle", lambda: ssl_context(settings.tls)),
+        ("hosts.rules", lambda: HostRules.load(settings.hosts)),
     )
     problems: list[Problem] = []
     for key, check in checks:
