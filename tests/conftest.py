@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from downloader.devserver import ALLOW_LOOPBACK, DevServer
+from downloader.proxy import PROXY_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,8 +30,13 @@ LOOPBACK_ALLOWED = ALLOW_LOOPBACK
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment for a CLI run: no stray IMGDL_/OTEL_ settings, loopback allowed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGDL_", "OTEL_"))}
+    """The environment for a CLI run: no stray IMGDL_/OTEL_ settings, no proxy of the
+    machine's (HTTP_PROXY, no_proxy, ...), loopback allowed."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("IMGDL_", "OTEL_")) and k not in PROXY_ENV
+    }
     env.update(LOOPBACK_ALLOWED)
     env.update(extra)
     return env
