@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from downloader import __version__
 from downloader import settings as settings_mod
 from downloader.errors import ImgdlError
 from downloader.hostrules import redacted
+from downloader.proxy import ProxyRules
 from downloader.report import EXIT_USAGE, summary_text
 
 EXIT_CODES_HELP = """\b
@@ -426,6 +428,7 @@ def config_show(config_file: Path | None, **params: Any) -> None:
     resolved: dict[str, Any] = {
         "run.processes": effective.settings.processes,
         "run.shards_in_flight": effective.settings.shards_in_flight,
+        **_proxies_from_env(),
     }
     if task is not None:
         resolved["run.shard_index"] = f"{task.index} (from {task.source})"
@@ -437,6 +440,16 @@ def config_show(config_file: Path | None, **params: Any) -> None:
         if value is None and key in resolved:
             source = f"{source}: {resolved[key]}"
         click.echo(f"{key:<{width}}  {shown:<40}  # {source}")
+
+
+def _proxies_from_env() -> dict[str, str]:
+    """What ``network.proxy: null`` and ``network.no_proxy: null`` mean on this machine."""
+    rules = ProxyRules.from_settings(None, None, os.environ)
+    http, https = (p.shown if p else "none" for p in (rules.http, rules.https))
+    return {
+        "network.proxy": f"from the environment: http {http}, https {https}",
+        "network.no_proxy": f"from the environment: {','.join(rules.no_proxy) or 'none'}",
+    }
 
 
 @config.command(

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import hashlib
 import math
+import os
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import NamedTuple
@@ -24,8 +25,9 @@ from downloader.hostrules import HostRules
 from downloader.imagesize import image_size
 from downloader.limits import Limiter
 from downloader.manners import opted_out
-from downloader.netpolicy import BlockedAddressError, NetworkPolicy
+from downloader.netpolicy import BlockedAddressError, NetworkPolicy, TargetCheck
 from downloader.outcomes import Job, Outcome, Reason
+from downloader.proxy import Proxy, ProxyRules
 from downloader.retry import RetryPolicy
 from downloader.settings import Settings
 from downloader.storage import NameTakenError, Part, Store, UploadError
@@ -153,6 +155,9 @@ class Fetcher:
         self.retry = RetryPolicy.from_settings(settings.retry)
         self.max_redirects = settings.http.max_redirects
         self.policy = policy or NetworkPolicy.from_strings(settings.network.allow)
+        network = settings.network
+        self.proxies = ProxyRules.from_settings(network.proxy, network.no_proxy, os.environ)
+        self.target_check = TargetCheck(self.policy, ttl=settings.http.dns_cache_ttl)
         self.opt_out = frozenset(d.lower() for d in settings.manners.opt_out)
         self.robots_token = settings.manners.robots_token
         self.read_window = settings.http.read_timeout
@@ -218,7 +223,8 @@ class Fetcher:
                 self.policy.check_host(url.raw_host or "")
                 # each hop gets the headers of its own host's rule, and only those
                 headers = {**_conditions(job), **self.hosts.headers_for(url, downgraded)}
-                async with await self._request(url, headers) as resp:
+                proxy = await self._proxy_for(url)
+                async with await self._request(url, headers, proxy) as resp:
                     if resp.status == 304 and job.revalidating:
                         return Outcome.not_saved(
                             job,
@@ -242,11 +248,39 @@ class Fetcher:
                     return outcome
         raise _Failed(Reason.TOO_MANY_REDIRECTS, f"more than {self.max_redirects} redirects", None)
 
-    async def _request(self, url: URL, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def _proxy_for(self, url: URL) -> Proxy | None:
+        """The proxy of ``url``, once the proxy's address and the target's addresses
+        passed the network policy (the GuardedResolver sees neither: aiohttp does not
+        resolve a literal proxy address, and the proxy resolves the target)."""
+        proxy = self.proxies.for_url(url)
+        if proxy is not None:
+            try:
+                self.policy.check_host(proxy.url.raw_host or "")
+            except BlockedAddressError as exc:
+                raise BlockedAddressError(f"proxy {proxy.shown}: {exc}") from None
+            await self.target_check.check(url.raw_host or "")
+        return proxy
+
+    async def _request(
+        self, url: URL, headers: dict[str, str], proxy: Proxy | None = None
+    ) -> aiohttp.ClientResponse:
         """Send the request and read the response head; a connection that breaks before
         the head is complete is a protocol error (the server spoke, then hung up)."""
+        if proxy is not None and url.scheme == "http":
+            # aiohttp sends proxy_headers with CONNECT only; a plain http request is
+            # itself the proxy's (never for https: it would travel inside the tunnel).
+            headers = {**headers, **proxy.headers}
         try:
-            return await self.session.get(url, allow_redirects=False, headers=headers)
+            return await self.session.get(
+                url,
+                allow_redirects=False,
+                headers=headers,
+                proxy=proxy.url if proxy else None,
+                proxy_headers=proxy.headers if proxy else None,
+            )
+        except aiohttp.ClientProxyConnectionError as exc:
+            assert proxy is not None
+            raise aiohttp.ClientConnectionError(f"proxy {proxy.shown}: {exc}") from None
         except aiohttp.ClientConnectorError:
             raise
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:

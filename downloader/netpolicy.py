@@ -24,9 +24,11 @@ import dataclasses
 import functools
 import ipaddress
 import socket
+import time
 from collections.abc import Iterable
 from typing import Any
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
@@ -144,3 +146,53 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+class TargetCheck:
+    """The check of a target host whose request goes through a proxy.
+
+    The proxy resolves the name and connects, so the GuardedResolver never sees the
+    target: resolve it here first and refuse it when any of its addresses is refused
+    (the proxy may pick any of them). Verdicts are kept for ``ttl`` seconds. What is
+    left: the proxy resolves the name again, and a DNS server that answers
+    differently the second time (DNS rebinding) still steers the proxy; see
+    docs/architecture.md.
+    """
+
+    def __init__(
+        self, policy: NetworkPolicy, resolver: AbstractResolver | None = None, ttl: float = 60
+    ) -> None:
+        self.policy = policy
+        self.resolver = resolver or DefaultResolver()
+        self.ttl = ttl
+        self._verdicts: dict[str, tuple[float, str | None]] = {}
+
+    async def check(self, host: str) -> None:
+        """Raise BlockedAddressError if ``host`` is, or resolves to, a refused address."""
+        self.policy.check_host(host)
+        if parse_host(host) is not None:
+            return
+        now = time.monotonic()
+        cached = self._verdicts.get(host)
+        if cached is None or cached[0] < now:
+            cached = (now + self.ttl, await self._verdict(host))
+            self._verdicts[host] = cached
+        if cached[1]:
+            raise BlockedAddressError(cached[1])
+
+    async def _verdict(self, host: str) -> str | None:
+        try:
+            answers = await self.resolver.resolve(host, 0, socket.AF_UNSPEC)
+        except OSError as exc:
+            raise aiohttp.ClientConnectionError(
+                f"cannot resolve {host} to check it before the proxy: {exc}"
+            ) from None
+        reasons = [
+            why for a in answers if (why := self.policy.refuses(ipaddress.ip_address(a["host"])))
+        ]
+        if reasons:
+            return f"{host} resolves to refused addresses ({'; '.join(reasons)})"
+        return None
+
+    async def close(self) -> None:
+        await self.resolver.close()

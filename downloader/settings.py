@@ -255,6 +255,38 @@ class NetworkSettings(_Section):
         "intranet page into the output. Example for a server on this machine: "
         '[127.0.0.0/8, "::1/128"].',
     )
+    proxy: str | None = Field(
+        None,
+        description="HTTP proxy for every URL: http://[user:password@]host:port (https URLs "
+        "go through it with CONNECT). null: like curl, from http_proxy / https_proxy / "
+        "all_proxy (or HTTP_PROXY, ...) in the environment; an empty string: no proxy, "
+        "whatever the environment says. The proxy's own address must pass the policy "
+        "above (a proxy on 10.1.2.3 needs allow: [10.1.2.3/32]); target hosts are "
+        "resolved and checked here before their request goes to the proxy. The password "
+        "is shown as *** everywhere.",
+    )
+    no_proxy: list[str] | None = Field(
+        None,
+        max_length=1000,
+        description="Hosts reached directly, not through the proxy: * (all), a domain "
+        "(and its subdomains), an IP address or a CIDR network, each optionally with "
+        ":port. null: from no_proxy / NO_PROXY in the environment.",
+    )
+
+    @pydantic.field_validator("no_proxy", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """``no_proxy: "localhost,.internal"`` (as NO_PROXY is written) as a list."""
+        return [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @pydantic.field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            from downloader.proxy import Proxy
+
+            Proxy.parse(value)
+        return value
 
     @pydantic.field_validator("allow", mode="before")
     @classmethod
@@ -732,6 +764,10 @@ class Effective:
 
     def items(self) -> list[tuple[str, Any, str]]:
         dumped = self.settings.model_dump(by_alias=True, mode="json")
+        if dumped["network"]["proxy"]:
+            from downloader.proxy import redact
+
+            dumped["network"]["proxy"] = redact(dumped["network"]["proxy"])
         return [
             (key, dumped[key.split(".")[0]][key.split(".")[1]], self.sources.get(key, "default"))
             for key in KEYS
@@ -1047,10 +1083,24 @@ def load(
             raise ConfigError(f"unknown setting '{key}'{_suggest(key, KEYS)}")
         layers.values[key] = item
     settings, problems = _validate(layers)
-    problems = (file.problems if file else []) + problems
+    problems = (file.problems if file else []) + problems + _proxy_env_problems(settings, env)
     if problems or settings is None:
         raise ConfigError(_one_line(problems, file))
     return Effective(settings=settings, sources={k: src for k, (_, src) in layers.values.items()})
+
+
+def _proxy_env_problems(settings: Settings | None, env: Mapping[str, str]) -> list[Problem]:
+    """With ``network.proxy: null``, a proxy variable imgdl cannot use stops the run."""
+    if settings is None or settings.network.proxy is not None:
+        return []
+    from downloader.proxy import ProxyRules
+
+    try:
+        ProxyRules.from_settings(None, settings.network.no_proxy, env)
+    except ValueError as exc:
+        message = f"{exc}; set network.proxy to override the environment"
+        return [Problem(0, "network.proxy", message, "the proxy variables of the environment")]
+    return []
 
 
 def validate_file(path: Path) -> list[Problem]:

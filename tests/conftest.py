@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from downloader.devserver import ALLOW_LOOPBACK, DevServer
+from downloader.proxy import PROXY_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,15 +31,12 @@ LOOPBACK_ALLOWED = ALLOW_LOOPBACK
 
 #: This machine's own trust store and proxy settings: a test sets them itself when it
 #: is about them, and must not pass or fail by what the machine it runs on has.
-_MACHINE_ONLY = frozenset(
-    {"SSL_CERT_FILE", "SSL_CERT_DIR"}
-    | {f"{name}_proxy" for name in ("http", "https", "all", "no")}
-    | {f"{name}_PROXY" for name in ("HTTP", "HTTPS", "ALL", "NO")}
-)
+_MACHINE_ONLY = frozenset({"SSL_CERT_FILE", "SSL_CERT_DIR", *PROXY_ENV})
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment for a CLI run: no stray IMGDL_/OTEL_ settings, loopback allowed."""
+    """The environment for a CLI run: no stray IMGDL_/OTEL_ settings, none of this
+    machine's proxy or trust-store variables, loopback allowed."""
     env = {
         k: v
         for k, v in os.environ.items()
