@@ -187,3 +187,12 @@ def test_https_by_name_through_socks(scheme: str, socks: SocksServer, tmp_path: 
         assert len(server.requests) == 3
     assert socks.seen and all(c.by_name is (scheme == "socks5h") for c in socks.seen)
     assert SECRET not in _everything(result, out)
+
+
+def test_socks_without_credentials(server: DevServer, tmp_path: Path) -> None:
+    with SocksServer() as open_socks:
+        urls = [f"{server.url}/i/{n}.jpg" for n in range(2)]
+        result, out = run_fetch(tmp_path, urls, all_proxy=open_socks.url())
+        assert result.returncode == 0, result.stderr
+        assert {r["status"] for r in read_manifest(out)} == {"saved"}
+        assert open_socks.seen and {c.username for c in open_socks.seen} == {None}
