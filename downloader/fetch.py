@@ -31,6 +31,7 @@ from downloader.proxy import Proxy, ProxyRules
 from downloader.retry import RetryPolicy
 from downloader.settings import Settings
 from downloader.storage import NameTakenError, Part, Store, UploadError
+from downloader.transport import socks_session
 from downloader.validate import (
     ImageType,
     InvalidImage,
@@ -70,6 +71,13 @@ class _Failed(Exception):
         self.http_status = http_status
         self.retry_after = retry_after
         self.final = final  # the same request would fail the same way: never retry
+
+
+def _lost(exc: BaseException) -> _Failed:
+    return _Failed(
+        Reason.PROTOCOL_ERROR,
+        f"connection lost before a complete response head: {exc or type(exc).__name__}",
+    )
 
 
 def _conditions(job: Job) -> dict[str, str]:
@@ -148,6 +156,7 @@ class Fetcher:
     ) -> None:
         """``defer_from``: a retry due later than this many seconds raises RetryLater."""
         self.session = session
+        self.settings = settings
         self.defer_from = defer_from
         self.store = store
         self.max_bytes = settings.validate_.max_bytes
@@ -266,6 +275,8 @@ class Fetcher:
     ) -> aiohttp.ClientResponse:
         """Send the request and read the response head; a connection that breaks before
         the head is complete is a protocol error (the server spoke, then hung up)."""
+        if proxy is not None and proxy.socks:
+            return await self._through_socks(url, headers, proxy)
         if proxy is not None and url.scheme == "http":
             # aiohttp sends proxy_headers with CONNECT only; a plain http request is
             # itself the proxy's (never for https: it would travel inside the tunnel).
@@ -284,10 +295,26 @@ class Fetcher:
         except aiohttp.ClientConnectorError:
             raise
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise _Failed(
-                Reason.PROTOCOL_ERROR,
-                f"connection lost before a complete response head: {exc or type(exc).__name__}",
-            ) from None
+            raise _lost(exc) from None
+
+    async def _through_socks(
+        self, url: URL, headers: dict[str, str], proxy: Proxy
+    ) -> aiohttp.ClientResponse:
+        """The request through a SOCKS proxy: on that proxy's own session, whose
+        connector speaks SOCKS5 (aiohttp-socks); its errors are not aiohttp's."""
+        from downloader.socks import SOCKS_ERRORS, SOCKS_TIMEOUT  # optional library
+
+        session = socks_session(self.settings, self.policy, proxy)
+        try:
+            return await session.get(url, allow_redirects=False, headers=headers)
+        except SOCKS_TIMEOUT as exc:
+            raise TimeoutError(f"proxy {proxy.shown}: {exc}") from None
+        except SOCKS_ERRORS as exc:
+            raise aiohttp.ClientConnectionError(f"proxy {proxy.shown}: {exc}") from None
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise _lost(exc) from None
 
     @staticmethod
     def _next_hop(url: URL, location: str, status: int) -> URL:

@@ -10,16 +10,21 @@ reached directly: ``*`` (every host), a domain (itself and every subdomain; a
 leading dot or ``*.`` changes nothing), an IP address, a network in CIDR form, any
 of them with ``:port`` to match that port only.
 
-Only HTTP proxies are supported (``http://`` proxy URLs; https URLs go through
-them with CONNECT). The credentials of a proxy URL are sent in
-``Proxy-Authorization`` and never passed to aiohttp inside the URL, so no error
-message can carry them.
+HTTP proxies (``http://`` proxy URLs; https URLs go through them with CONNECT)
+and, with the optional aiohttp-socks library (``pip install 'imgdl[socks]'``),
+SOCKS5 proxies: ``socks5://`` (imgdl resolves the target and hands the proxy an
+address) and ``socks5h://`` (the proxy resolves the name; imgdl still resolves
+and checks it first). The credentials of an HTTP proxy URL are sent in
+``Proxy-Authorization``, those of a SOCKS5 URL in its username/password
+handshake; neither is ever passed to aiohttp inside a URL, so no error message
+can carry them.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import importlib.util
 import ipaddress
 from collections.abc import Iterable, Mapping
 
@@ -27,6 +32,10 @@ from yarl import URL
 
 #: Where a proxy URL's password stood, once shown.
 HIDDEN = "***"
+#: The SOCKS schemes; socks5h: the proxy resolves the target's name.
+SOCKS_SCHEMES = frozenset({"socks5", "socks5h"})
+#: How to get what SOCKS proxies need.
+SOCKS_INSTALL = "pip install 'imgdl[socks]'"
 
 _ENV_FOR = {"http": ("http_proxy", "HTTP_PROXY"), "https": ("https_proxy", "HTTPS_PROXY")}
 _ENV_ALL = ("all_proxy", "ALL_PROXY")
@@ -65,23 +74,46 @@ class Proxy:
     """One proxy as aiohttp takes it: its URL without credentials, and those apart."""
 
     url: URL
-    headers: Mapping[str, str]  # Proxy-Authorization, when the URL holds credentials
+    headers: Mapping[str, str]  # Proxy-Authorization, when an HTTP proxy URL holds credentials
     shown: str  # for messages: the URL with the password hidden
+    #: a SOCKS5 proxy's username and password, for its handshake
+    auth: tuple[str, str] | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def socks(self) -> bool:
+        """A SOCKS5 proxy: set per connector (a session of its own), not per request."""
+        return self.url.scheme in SOCKS_SCHEMES
+
+    @property
+    def remote_dns(self) -> bool:
+        """socks5h: the proxy resolves the target's name."""
+        return self.url.scheme == "socks5h"
 
     @classmethod
     def parse(cls, text: str) -> Proxy:
         url = URL(_with_scheme(text))
-        if url.scheme != "http" or not url.host:
+        scheme = url.scheme.lower()
+        if scheme not in {"http", *SOCKS_SCHEMES} or not url.host:
             raise ValueError(
-                f"not an HTTP proxy URL: {redact(text)!r}; write http://[user:password@]host:port "
-                "(SOCKS proxies are not supported)"
+                f"not a supported proxy URL: {redact(text)!r}; write "
+                "http://[user:password@]host:port, or socks5:// or socks5h:// for a SOCKS5 proxy"
             )
+        shown = redact(str(url))
+        bare = url.with_user(None).with_password(None).with_scheme(scheme)
+        if scheme in SOCKS_SCHEMES:
+            if importlib.util.find_spec("aiohttp_socks") is None:
+                raise ValueError(
+                    f"the SOCKS proxy {shown} needs the aiohttp-socks library: {SOCKS_INSTALL}"
+                )
+            if url.port is None:  # curl's default for SOCKS
+                bare = bare.with_port(1080)
+            auth = (url.user, url.password or "") if url.user is not None else None
+            return cls(bare, {}, shown, auth)
         headers = {}
         if url.user is not None:
             pair = f"{url.user}:{url.password or ''}".encode()
             headers["Proxy-Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
-        bare = url.with_user(None).with_password(None)
-        return cls(bare, headers, redact(str(url)))
+        return cls(bare, headers, shown)
 
 
 @dataclasses.dataclass(frozen=True)

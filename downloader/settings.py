@@ -257,8 +257,10 @@ class NetworkSettings(_Section):
     )
     proxy: str | None = Field(
         None,
-        description="HTTP proxy for every URL: http://[user:password@]host:port (https URLs "
-        "go through it with CONNECT). null: like curl, from http_proxy / https_proxy / "
+        description="Proxy for every URL: http://[user:password@]host:port (https URLs "
+        "go through it with CONNECT), or a SOCKS5 proxy, socks5:// (imgdl resolves the "
+        "target) or socks5h:// (the proxy does), which needs pip install 'imgdl[socks]'. "
+        "null: like curl, from http_proxy / https_proxy / "
         "all_proxy (or HTTP_PROXY, ...) in the environment; an empty string: no proxy, "
         "whatever the environment says. The proxy's own address must pass the policy "
         "above (a proxy on 10.1.2.3 needs allow: [10.1.2.3/32]); target hosts are "

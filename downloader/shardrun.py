@@ -28,7 +28,7 @@ from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.storage import Store
 from downloader.telemetry import get_logger, process_telemetry
-from downloader.transport import open_session
+from downloader.transport import close_socks_sessions, open_session
 from downloader.worker import ShardResult, WorkerContext
 
 #: How often a worker looks at the parent's stop flag.
@@ -97,6 +97,7 @@ def process_session(settings: Settings, policy: NetworkPolicy) -> aiohttp.Client
 async def close_process_session() -> None:
     if _session is not None:
         await _session.close()
+    await close_socks_sessions()
 
 
 class ShardRun:

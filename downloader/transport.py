@@ -9,6 +9,7 @@ from __future__ import annotations
 import aiohttp
 
 from downloader.netpolicy import GuardedResolver, NetworkPolicy
+from downloader.proxy import Proxy
 from downloader.settings import Settings
 from downloader.tls import ssl_context
 
@@ -16,7 +17,12 @@ from downloader.tls import ssl_context
 MAX_HEADER_LINE = 16 * 1024
 
 
+#: A worker's sessions for SOCKS proxies, one per proxy (URL and credentials).
+_socks_sessions: dict[tuple[str, tuple[str, str] | None], aiohttp.ClientSession] = {}
+
+
 def open_session(settings: Settings, policy: NetworkPolicy) -> aiohttp.ClientSession:
+    """The session for direct requests and those through HTTP proxies."""
     http = settings.http
     connector = aiohttp.TCPConnector(
         limit=http.concurrency,
@@ -25,6 +31,34 @@ def open_session(settings: Settings, policy: NetworkPolicy) -> aiohttp.ClientSes
         resolver=GuardedResolver(policy),
         ssl=ssl_context(settings.tls),
     )
+    return _session(settings, connector)
+
+
+def socks_session(settings: Settings, policy: NetworkPolicy, proxy: Proxy) -> aiohttp.ClientSession:
+    """The session of the requests through the SOCKS proxy ``proxy``, opened at its first
+    request and kept for the worker's life like the other one."""
+    key = (str(proxy.url), proxy.auth)
+    session = _socks_sessions.get(key)
+    if session is None or session.closed:
+        from downloader.socks import GuardedSocksConnector  # aiohttp-socks: optional
+
+        connector = GuardedSocksConnector(
+            proxy,
+            GuardedResolver(policy),
+            limit=settings.http.concurrency,
+            ssl=ssl_context(settings.tls),
+        )
+        session = _socks_sessions[key] = _session(settings, connector)
+    return session
+
+
+async def close_socks_sessions() -> None:
+    while _socks_sessions:
+        await _socks_sessions.popitem()[1].close()
+
+
+def _session(settings: Settings, connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
+    http = settings.http
     timeout = aiohttp.ClientTimeout(
         total=http.total_timeout,
         sock_connect=http.connect_timeout,

@@ -118,3 +118,13 @@ def image_files(outdir: Path) -> list[Path]:
 def write_list(path: Path, urls: list[str]) -> Path:
     path.write_text("\n".join(urls) + "\n", encoding="utf-8")
     return path
+
+
+def run_fetch(tmp_path: Path, urls: list[str], **env: str) -> tuple[Any, Path]:
+    """``imgdl fetch`` of ``urls`` into tmp_path/out with debug logs, in clean_env(**env)."""
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    result = run_cli(
+        "fetch", str(listing), "-o", str(out), "--log-level", "debug", env=clean_env(**env)
+    )
+    return result, out

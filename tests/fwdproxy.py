@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import threading
 from types import TracebackType
+from typing import Self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,25 +25,22 @@ class Seen:
     proxy_authorization: str | None
 
 
-class ForwardProxy:
-    """``with ForwardProxy() as proxy:`` ... ``proxy.url``, ``proxy.seen``."""
+class LoopServer:
+    """A TCP server on 127.0.0.1 on an event loop of its own thread, for ``with``:
+    subclasses answer each connection in ``_handle`` (closed after it, whatever it
+    raised of the connection errors)."""
 
     def __init__(self) -> None:
-        self.seen: list[Seen] = []
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._stop: asyncio.Event | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ForwardProxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         if not self._ready.wait(10):
-            raise RuntimeError("the test proxy did not start")
+            raise RuntimeError(f"the test server {type(self).__name__} did not start")
         return self
 
     def __exit__(
@@ -67,14 +65,32 @@ class ForwardProxy:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            await self._forward(head, reader, writer)
+            await self._handle(reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class ForwardProxy(LoopServer):
+    """``with ForwardProxy() as proxy:`` ... ``proxy.url``, ``proxy.seen``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Seen] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await self._forward(head, reader, writer)
 
     async def _forward(
         self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -92,7 +108,7 @@ class ForwardProxy:
             up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             await writer.drain()
-            await _pipe_both(reader, writer, up_reader, up_writer)
+            await pipe_both(reader, writer, up_reader, up_writer)
             return
         scheme, _, rest = target.partition("://")
         if scheme != "http":
@@ -109,7 +125,7 @@ class ForwardProxy:
         up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
         up_writer.write(upstream.encode("latin-1") + b"\r\n")
         await up_writer.drain()
-        await _pipe_both(reader, writer, up_reader, up_writer)
+        await pipe_both(reader, writer, up_reader, up_writer)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -124,7 +140,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.close()
 
 
-async def _pipe_both(
+async def pipe_both(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     up_reader: asyncio.StreamReader,

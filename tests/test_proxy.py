@@ -18,7 +18,7 @@ from yarl import URL
 from downloader.devserver import DevServer
 from downloader.netpolicy import BlockedAddressError, NetworkPolicy, TargetCheck
 from downloader.proxy import ProxyRules, bypasses, redact
-from tests.conftest import clean_env, read_manifest, read_summary, run_cli, write_list
+from tests.conftest import clean_env, read_manifest, read_summary, run_cli, run_fetch
 from tests.fwdproxy import ForwardProxy
 
 SECRET = "s3cr3t-Pw"
@@ -89,9 +89,9 @@ def test_settings_override_the_environment() -> None:
     assert ProxyRules.from_settings("", None, env).proxies == ()  # "" turns the env off
 
 
-def test_socks_is_refused_with_a_redacted_message() -> None:
-    with pytest.raises(ValueError, match="SOCKS") as caught:
-        ProxyRules.from_settings(None, None, {"ALL_PROXY": f"socks5://u:{SECRET}@h:1080"})
+def test_other_proxy_schemes_are_refused_with_a_redacted_message() -> None:
+    with pytest.raises(ValueError, match="socks5h://") as caught:
+        ProxyRules.from_settings(None, None, {"ALL_PROXY": f"https://u:{SECRET}@h:3128"})
     assert SECRET not in str(caught.value)
 
 
@@ -138,19 +138,10 @@ def test_target_check_refuses_names_with_any_refused_address() -> None:
 # --- end to end, through a real proxy ----------------------------------------------
 
 
-def _fetch(tmp_path: Path, urls: list[str], **env: str) -> tuple[Any, Path]:
-    listing = write_list(tmp_path / "u.txt", urls)
-    out = tmp_path / "out"
-    result = run_cli(
-        "fetch", str(listing), "-o", str(out), "--log-level", "debug", env=clean_env(**env)
-    )
-    return result, out
-
-
 def test_run_goes_through_the_proxy(server: DevServer, proxy: ForwardProxy, tmp_path: Path) -> None:
     urls = [f"{server.url}/i/{n}.jpg" for n in range(5)]
     with_password = proxy.url.replace("http://", f"http://imgdl:{SECRET}@")
-    result, out = _fetch(tmp_path, urls, HTTP_PROXY=with_password)
+    result, out = run_fetch(tmp_path, urls, HTTP_PROXY=with_password)
     assert result.returncode == 0, result.stderr
     assert {r["status"] for r in read_manifest(out)} == {"saved"}
     assert sorted(s.target for s in proxy.seen) == sorted(urls)
@@ -163,7 +154,7 @@ def test_no_proxy_bypasses_the_proxy(
     server: DevServer, proxy: ForwardProxy, tmp_path: Path
 ) -> None:
     urls = [f"{server.url}/i/{n}.jpg" for n in range(3)]
-    result, out = _fetch(tmp_path, urls, http_proxy=proxy.url, NO_PROXY="localhost,127.0.0.0/8")
+    result, out = run_fetch(tmp_path, urls, http_proxy=proxy.url, NO_PROXY="localhost,127.0.0.0/8")
     assert result.returncode == 0, result.stderr
     assert {r["status"] for r in read_manifest(out)} == {"saved"}
     assert proxy.seen == []
@@ -180,7 +171,7 @@ def test_blocked_target_never_reaches_the_proxy(
         f"{server.url}/i/1.jpg",
     ]
     # The proxy (on loopback) is allowed, the targets in 10/8 and 169.254/16 are not.
-    result, out = _fetch(tmp_path, urls, HTTP_PROXY=proxy.url)
+    result, out = run_fetch(tmp_path, urls, HTTP_PROXY=proxy.url)
     records = {r["url"]: r for r in read_manifest(out)}
     assert [records[u]["reason"] for u in urls[:3]] == ["blocked_address"] * 3
     assert records[urls[3]]["status"] == "saved"
@@ -192,7 +183,7 @@ def test_proxy_address_must_be_allowed(
     server: DevServer, proxy: ForwardProxy, tmp_path: Path
 ) -> None:
     """A proxy on loopback with only the target's network allowed: refused, not used."""
-    _, out = _fetch(
+    _, out = run_fetch(
         tmp_path,
         [f"{server.url}/i/1.jpg"],
         HTTP_PROXY=proxy.url.replace("127.0.0.1", "127.0.0.2"),
@@ -222,7 +213,7 @@ def test_https_through_connect_with_credentials_never_shown(
     with_password = proxy.url.replace("http://", f"http://imgdl:{SECRET}@")
     urls = [f"{server.url}/i/{n}.jpg" for n in range(3)] + ["https://10.0.0.1/z.jpg"]
     env = {"HTTPS_PROXY": with_password, "IMGDL_TLS_CA_BUNDLE": str(bundle)}
-    result, out = _fetch(tmp_path, urls, **env)
+    result, out = run_fetch(tmp_path, urls, **env)
     records = read_manifest(out)
     assert sorted(r["status"] for r in records) == ["failed", "saved", "saved", "saved"]
     port = URL(server.url).port
@@ -247,7 +238,7 @@ def test_proxy_that_is_down_is_a_connection_error_without_password(
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
-    result, out = _fetch(
+    result, out = run_fetch(
         tmp_path,
         [f"{server.url}/i/1.jpg"],
         HTTP_PROXY=f"http://u:{SECRET}@127.0.0.1:{port}",
