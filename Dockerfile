@@ -9,13 +9,13 @@
 # scripts/build-image.sh makes with debootstrap where no registry can be reached.
 # Behind a TLS-intercepting proxy, give pip its CA as a build secret:
 #   podman build --secret id=extra_ca,src=proxy-ca.pem -t imgdl .
-# EXTRAS: optional dependencies of imgdl to install [default: s3, for s3:// outputs and
-# input lists], e.g. --build-arg EXTRAS=s3,decode (decode: Pillow, for validate.decode).
+# EXTRAS: optional dependencies of imgdl to install [default: s3,socks: s3:// outputs and
+# input lists, SOCKS5 proxies], e.g. --build-arg EXTRAS=s3,socks,decode (decode: Pillow).
 ARG BASE_IMAGE=python:3.11-slim
 
 # ---- build: the wheels, then a venv installed from them alone ------------------------
 FROM ${BASE_IMAGE} AS build
-ARG EXTRAS="s3"
+ARG EXTRAS="s3,socks"
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
