@@ -103,6 +103,8 @@ def classify(exc: BaseException) -> tuple[Reason, str]:
     if isinstance(exc, UploadError):
         return Reason.UPLOAD_ERROR, message
     if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            message += " (a private CA? trust it with tls.ca_bundle or SSL_CERT_FILE)"
         return Reason.TLS_ERROR, message
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return Reason.TIMEOUT, message if str(exc) else "timed out"

@@ -110,7 +110,7 @@ def _secret(
             )
     else:
         assert path is not None
-        source = f"file {path}"
+        source = f"file {_shown(path)}"
         try:
             value = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -140,6 +140,12 @@ def basic_authorization(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
+def _shown(path: Path) -> str:
+    """A file named by the config, as a message shows it: a relative path is taken
+    from the current folder (not the config file's), so say where that led."""
+    return str(path) if path.is_absolute() else f"{path} (= {path.absolute()})"
+
+
 def _cookies(rule: HostRule, path: Path) -> tuple[http.cookiejar.Cookie, ...]:
     jar = http.cookiejar.MozillaCookieJar()
     try:
@@ -154,7 +160,8 @@ def _cookies(rule: HostRule, path: Path) -> tuple[http.cookiejar.Cookie, ...]:
         ) from None
     except OSError as exc:  # after LoadError, which is one
         raise ConfigError(
-            f"{_where(rule)}: cannot read cookies_file {path}: {exc.strerror or 'unreadable'}"
+            f"{_where(rule)}: cannot read cookies_file {_shown(path)}: "
+            f"{exc.strerror or 'unreadable'}"
         ) from None
     return tuple(sorted(jar, key=lambda c: -len(c.path)))
 

@@ -280,6 +280,16 @@ def test_an_unreadable_cookies_file_names_the_file(tmp_path: Path) -> None:
     assert str(bad) in str(caught.value) and COOKIE_VALUE not in str(caught.value)
 
 
+def test_a_relative_cookies_file_says_where_it_was_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = HostsSettings.model_validate({"rules": [{"match": "a", "cookies_file": "c.txt"}]})
+    with pytest.raises(ConfigError) as caught:
+        HostRules.load(settings, env={})
+    assert f"c.txt (= {tmp_path / 'c.txt'})" in str(caught.value)
+
+
 def test_no_credentials_after_a_redirect_from_https_to_http(
     server: DevServer, tmp_path: Path
 ) -> None:

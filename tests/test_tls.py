@@ -34,6 +34,7 @@ def test_self_signed_is_refused_by_default(https_server: DevServer, tmp_path: Pa
     (record,) = read_manifest(tmp_path / "out")
     assert record["reason"] == "tls_error"
     assert "certificate" in record["error"].lower()
+    assert "tls.ca_bundle" in record["error"]  # what to do about a private CA
     assert record["attempts"] == 1  # a certificate does not get better by retrying
 
 
