@@ -12,7 +12,6 @@ place in the run's output and records where a secret was found (none expected).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from downloader.devserver import DevServer
+from tests.conftest import clean_env
 from tests.fwdproxy import ForwardProxy
 
 TOKEN = "tok-8f1e2d-secret"
@@ -50,8 +50,7 @@ def main() -> int:
             encoding="utf-8",
         )
         proxied = proxy.url.replace("http://", f"http://user:{PROXY_PASSWORD}@")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGDL_", "OTEL_"))}
-        env.update(HTTP_PROXY=proxied, HTTPS_PROXY=proxied, IMAGES_TOKEN=TOKEN)
+        env = clean_env(HTTP_PROXY=proxied, HTTPS_PROXY=proxied, IMAGES_TOKEN=TOKEN)
         out = Path(tmp) / "out"
         command = [sys.executable, "-m", "downloader", "fetch", str(listing), "-o", str(out)]
         command += ["--config", str(config), "--log-level", "debug", "--report", "--no-progress"]

@@ -12,7 +12,6 @@ to a minute, so everything counted was sent by imgdl's own flushes.
 from __future__ import annotations
 
 import collections
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from downloader.devserver import ALLOW_LOOPBACK, DevServer
+from downloader.devserver import DevServer
+from tests.conftest import clean_env
 from tests.otlp_receiver import OtlpReceiver
 
 
@@ -31,9 +31,7 @@ def main() -> int:
         lines = [f"{server.url}/i/{n}.jpg" for n in range(2000)]
         lines += [f"{server.url}/status/404/{n}" for n in range(20)]
         urls.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGDL_", "OTEL_"))}
-        env.update(
-            ALLOW_LOOPBACK,
+        env = clean_env(
             OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
             OTEL_METRIC_EXPORT_INTERVAL="60000",
             OTEL_BSP_SCHEDULE_DELAY="60000",

@@ -10,7 +10,6 @@ made to the image server: runs 2 and 3 must fetch only the 5 failed URLs again.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -20,29 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import boto3
 
 from downloader.devserver import DevServer
+from tests.conftest import clean_env
 from tests.s3server import CREDENTIALS, MotoServer
 
 
 def main() -> int:
     with MotoServer() as moto, DevServer() as server, tempfile.TemporaryDirectory() as tmp:
-        client = boto3.client(
-            "s3",
-            endpoint_url=moto.url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        client = moto.client()
         client.create_bucket(Bucket="demo")
         urls = Path(tmp) / "urls.txt"
         lines = [f"{server.url}/i/{n}.jpg" for n in range(500)]
         lines += [f"{server.url}/status/404/{n}" for n in range(5)]
         urls.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGDL_", "OTEL_"))}
-        env.update(
-            CREDENTIALS,
+        env = clean_env(
+            **CREDENTIALS,
             AWS_ENDPOINT_URL=moto.url,
             IMGDL_NETWORK_ALLOW="[127.0.0.1/32]",  # the images; the store needs no allowance
             HOME=tmp,

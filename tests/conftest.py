@@ -15,6 +15,7 @@ import pytest
 
 from downloader.devserver import ALLOW_LOOPBACK, DevServer
 from downloader.proxy import PROXY_ENV
+from tests.otlp_receiver import OtlpReceiver
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,6 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 def server() -> Iterator[DevServer]:
     with DevServer() as srv:
         yield srv
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    """A real OTLP/HTTP collector on 127.0.0.1 (tests/otlp_receiver.py)."""
+    with OtlpReceiver() as rcv:
+        yield rcv
 
 
 #: The test servers live on loopback, which the network policy refuses by default.

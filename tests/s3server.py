@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -64,6 +65,19 @@ class MotoServer:
                     self.__exit__()
                     raise RuntimeError("moto server did not start") from None
                 time.sleep(0.1)
+
+    def client(self) -> Any:
+        """A boto3 S3 client straight to this server (not through imgdl), as the tests'
+        and benchmarks' own view of the bucket."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=CREDENTIALS["AWS_REGION"],
+            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self._process is not None:

@@ -91,12 +91,6 @@ def image() -> str:
 
 
 @pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as rcv:
-        yield rcv
-
-
-@pytest.fixture
 def container() -> Iterator[str]:
     """A unique container name, removed (killed if need be) at the end of the test."""
     name = f"imgdl-test-{uuid.uuid4().hex[:12]}"

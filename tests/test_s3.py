@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from downloader.devserver import DevServer
@@ -69,13 +68,7 @@ class S3:
 @pytest.fixture
 def s3(moto: MotoServer, tmp_path: Path) -> Iterator[S3]:
     bucket = f"imgdl-test-{next(_buckets)}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    client = moto.client()
     client.create_bucket(Bucket=bucket)
     proxy = S3Proxy(moto.url).start()
     env = clean_env(

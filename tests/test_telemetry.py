@@ -40,12 +40,6 @@ SHARDS = URLS // SHARD_SIZE
 
 
 @pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as rcv:
-        yield rcv
-
-
-@pytest.fixture
 def silent_collector() -> Iterator[SilentListener]:
     listener = SilentListener().start()
     try:
