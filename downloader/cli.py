@@ -96,8 +96,8 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     (
         "--input-format",
         "input.format",
-        click.Choice(["auto", "txt", "csv", "tsv", "jsonl"]),
-        "Input format [default: auto, from the name or the first line].",
+        click.Choice(["auto", "txt", "csv", "tsv", "jsonl", "parquet"]),
+        "Input format [default: auto, from the name or the first bytes].",
     ),
     ("--url-column", "input.url_column", str, "CSV column / JSON key of the URL [default: url]."),
     (
@@ -105,6 +105,20 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
         "input.name_column",
         str,
         "CSV column / JSON key naming the saved file (without extension).",
+    ),
+    (
+        "--extra-column",
+        "input.extra_columns",
+        "multiple",
+        'A column / JSON key carried into each line\'s manifest record ("extra"); '
+        "repeat for more, e.g. --extra-column caption --extra-column license.",
+    ),
+    (
+        "--hash-column",
+        "input.hash_column",
+        str,
+        "Column / JSON key of each image's expected sha256 or md5 (hex, optionally "
+        "sha256:/md5: prefixed); a body that differs is hash_mismatch, not saved.",
     ),
     (
         "--name-template",
@@ -163,6 +177,8 @@ def _setting_options(func: Callable[..., Any]) -> Callable[..., Any]:
         kind: dict[str, Any] = {"type": type_} if type_ not in ("flag", "switch") else {}
         if type_ == "flag":
             kind["is_flag"] = True
+        if type_ == "multiple":  # repeatable, a list setting
+            kind = {"type": str, "multiple": True}
         option = click.option(*names, key.replace(".", "__"), default=None, help=help_, **kind)
         func = option(func)
     func = click.option(
@@ -181,6 +197,8 @@ def _effective(config_file: Path | None, params: dict[str, Any]) -> settings_mod
     overrides: dict[str, tuple[Any, str]] = {}
     for param, value in params.items():
         key = param.replace("__", ".")
+        if isinstance(value, tuple):  # a repeatable flag; not given: ()
+            value = list(value) or None
         if value is not None and key in by_key:
             overrides[key] = (value, f"flag {by_key[key]}")
     return settings_mod.load(config_file=config_file, overrides=overrides)
@@ -225,6 +243,7 @@ _FETCH_EXAMPLES = _examples(
     "imgdl fetch --dry-run urls.txt                    # counts, invalid lines, duplicates",
     "zcat list.csv.gz | imgdl fetch - --url-column image_url -o out",
     "imgdl fetch a.txt b.jsonl -o out --rate 20 --per-host-connections 4",
+    "imgdl fetch pairs.parquet -o out --extra-column caption --hash-column sha256",
     "imgdl fetch out/failures.txt -o out               # retry what failed",
     "imgdl fetch urls.txt -o out --report              # also writes out/report.html",
     "IMGDL_NETWORK_ALLOW=127.0.0.0/8 imgdl fetch local.txt   # a server on this machine",
@@ -261,7 +280,7 @@ With --dry-run, the exit code is:
 def fetch(
     inputs: tuple[str, ...], config_file: Path | None, dry_run: bool, quiet: bool, **params: Any
 ) -> None:
-    """Download every URL of INPUTS (txt, csv, tsv, jsonl, optionally .gz; '-' is stdin).
+    """Download every URL of INPUTS (txt, csv, tsv, jsonl, optionally .gz; parquet; '-' is stdin).
 
     Writes the images to OUTDIR, and OUTDIR/manifest.jsonl (one record per
     input line), OUTDIR/failures.txt (failed URLs, re-feedable as input) and

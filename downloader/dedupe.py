@@ -57,6 +57,13 @@ def resolve(job: Job, first: Outcome) -> Outcome:
     return Outcome.not_saved(job, Reason.DUPLICATE, path=first.path, duplicate_of=where)
 
 
+def _waiting_job(raw: str) -> Job:
+    """A duplicate line kept while its first line is in flight: its own URL, place,
+    name and extra columns (its record carries its own line's columns)."""
+    url, label, line, name, extra = json.loads(raw)
+    return Job(url=url, input=label, line=line, name=name, extra=extra)
+
+
 class Duplicates:
     """Decides, line by line, whether a job is the first of its URL in this run."""
 
@@ -156,7 +163,7 @@ class Duplicates:
         else:
             self._db.execute(
                 "INSERT INTO waiting (h, job) VALUES (?, ?)",
-                (h, json.dumps([job.url, job.input, job.line, job.name])),
+                (h, json.dumps([job.url, job.input, job.line, job.name, job.extra])),
             )
             self._waited_on.add((value[0], value[1]))
         return False
@@ -220,8 +227,7 @@ class Duplicates:
                 continue
             rows = self._db.execute("SELECT job FROM waiting WHERE h = ?", (h,)).fetchall()
             for (raw,) in rows:
-                url, label, line, name = json.loads(raw)
-                self._record(resolve(Job(url=url, input=label, line=line, name=name), outcome))
+                self._record(resolve(_waiting_job(raw), outcome))
             self._db.execute("DELETE FROM waiting WHERE h = ?", (h,))
 
     def discard(self) -> None:
@@ -233,8 +239,7 @@ class Duplicates:
     def close(self) -> None:
         """Duplicates whose first line never got an outcome (a stopped run) are interrupted."""
         for (raw,) in self._db.execute("SELECT job FROM waiting").fetchall():
-            url, label, line, name = json.loads(raw)
-            job = Job(url=url, input=label, line=line, name=name)
+            job = _waiting_job(raw)
             self._record(Outcome.not_saved(job, Reason.INTERRUPTED, error="first line not done"))
         self._db.execute("COMMIT")
         self._db.close()

@@ -20,6 +20,7 @@ import aiohttp
 from yarl import URL
 
 from downloader.body import CHUNK_BYTES, Body, BodyError
+from downloader.columns import BodyHash
 from downloader.errors import UnsafeNameError
 from downloader.hostrules import HostRules
 from downloader.imagesize import image_size
@@ -380,6 +381,7 @@ class Fetcher:
         try:
             body = Body(resp, self.read_window, self.min_speed)
             digest = hashlib.sha256()
+            expected = BodyHash(job.expected_hash) if job.expected_hash else None
             size = 0
             held: list[bytes] = []
             image: ImageType | None = None
@@ -391,6 +393,8 @@ class Fetcher:
                         Reason.TOO_LARGE, f"body exceeds max_bytes {self.max_bytes}", status
                     )
                 digest.update(chunk)
+                if expected is not None:
+                    expected.update(chunk)
                 if part is not None:
                     await part.write(chunk)
                     continue
@@ -408,6 +412,9 @@ class Fetcher:
                     held = []
             if declared is not None and body.raw_bytes < declared:
                 raise _Failed(Reason.TRUNCATED, f"got {body.raw_bytes} of {declared} bytes", status)
+            mismatch = expected.mismatch(digest.hexdigest()) if expected is not None else None
+            if mismatch is not None:  # the image the list meant is not this one: not saved
+                raise _Failed(Reason.HASH_MISMATCH, mismatch, status, final=True)
             if part is None:
                 whole = b"".join(held)
                 if image is None:  # the whole body was shorter than the sniff needs

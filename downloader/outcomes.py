@@ -50,6 +50,8 @@ class Reason(enum.StrEnum):
     DECODE_ERROR = "decode_error"
     TOO_SMALL = "too_small"
     TOO_BIG = "too_big"
+    #: the body's hash is not the one input.hash_column gave; nothing saved
+    HASH_MISMATCH = "hash_mismatch"
     # failed: on our side
     WRITE_ERROR = "write_error"
     #: the object store did not take the image (s3:// output), after its retries
@@ -76,6 +78,8 @@ REFETCHABLE = frozenset(r for r in Reason if r.status is Status.FAILED) - {
     Reason.DECODE_ERROR,
     Reason.TOO_SMALL,
     Reason.TOO_BIG,
+    # failures.txt holds URLs only: fed back in, the image would be saved unchecked
+    Reason.HASH_MISMATCH,
 }
 
 
@@ -93,6 +97,11 @@ class Job:
     previous_path: str | None = None
     #: Tries made in earlier shards: a retry waits in the parent, not in a shard.
     tries: int = 0
+    #: input.extra_columns of this line as the JSON text of one object (compact to
+    #: hold and to pickle; decoded only into the outcome's ``extra``).
+    extra: str | None = None
+    #: input.hash_column's value, checked: "sha256:<hex>" or "md5:<hex>", lower case.
+    expected_hash: str | None = None
 
     @property
     def revalidating(self) -> bool:
@@ -126,10 +135,13 @@ class Outcome:
     #: When the line's outcome was decided: Unix time in seconds (UTC), to the
     #: millisecond. None in records of versions before it (and in hand-made ones).
     finished_at: float | None = None
+    #: input.extra_columns of the line, {column: value}; None when none are configured.
+    extra: dict[str, Any] | None = None
 
     @classmethod
     def saved(cls, job: Job, **fields: Any) -> Outcome:
         fields.setdefault("finished_at", now())
+        fields.setdefault("extra", _extra(job))
         return cls(input=job.input, line=job.line, url=job.url, status=Status.SAVED, **fields)
 
     @classmethod
@@ -137,6 +149,7 @@ class Outcome:
         """``attempts`` defaults to the tries the job had before this shard."""
         fields.setdefault("attempts", job.tries)
         fields.setdefault("finished_at", now())
+        fields.setdefault("extra", _extra(job))
         return cls(
             input=job.input,
             line=job.line,
@@ -179,6 +192,13 @@ class Outcome:
             return orjson.loads(line)
         except orjson.JSONDecodeError:  # orjson refuses the lone surrogates to_json escapes
             return json.loads(line)
+
+
+def _extra(job: Job) -> dict[str, Any] | None:
+    if job.extra is None:
+        return None
+    values: dict[str, Any] = Outcome.decode(job.extra)
+    return values
 
 
 def now() -> float:

@@ -40,10 +40,12 @@ class _Section(BaseModel):
 class InputSettings(_Section):
     """The input lists: their format, and where in a line the URL and the name are."""
 
-    format: Literal["auto", "txt", "csv", "tsv", "jsonl"] = Field(
+    format: Literal["auto", "txt", "csv", "tsv", "jsonl", "parquet"] = Field(
         "auto",
         description="Format of the input lists: auto (from the file name, else sniffed from "
-        "the first line), txt, csv, tsv or jsonl. gzip is detected from the bytes.",
+        "the first bytes), txt, csv, tsv, jsonl or parquet (pip install 'imgdl[dataset]'; "
+        "a local file, read one row group at a time). gzip is detected from the bytes "
+        "(not for parquet, which compresses itself).",
     )
     url_column: str = Field(
         "url",
@@ -56,6 +58,44 @@ class InputSettings(_Section):
         "relative path without extension; the extension of the detected image type is "
         "added). null: names come from output.name_template.",
     )
+    extra_columns: list[str] = Field(
+        [],
+        max_length=100,
+        description="Columns (CSV/TSV/parquet) or keys (JSON Lines) carried into each line's "
+        'manifest record as "extra": {column: value}, e.g. [caption, id, license]. A '
+        "CSV/TSV/parquet input without one of them stops the run at start (exit 2); a "
+        "missing or empty value is null; JSON and parquet values keep their types.",
+    )
+    hash_column: str | None = Field(
+        None,
+        description="Column or key holding the expected hash of each image: sha256 or md5 "
+        "as hex, optionally prefixed sha256: or md5:. The body is checked against it; a "
+        "mismatch is hash_mismatch and nothing is saved. An empty value: not checked. "
+        "null: no check.",
+    )
+    hash_algorithm: Literal["auto", "sha256", "md5"] = Field(
+        "auto",
+        description="Algorithm of input.hash_column values without a prefix: auto (64 hex "
+        "digits are sha256, 32 are md5), sha256 or md5.",
+    )
+
+    @pydantic.field_validator("extra_columns", mode="before")
+    @classmethod
+    def _column_list(cls, value: Any) -> Any:
+        """``extra_columns: caption,id`` (as IMGDL_INPUT_EXTRA_COLUMNS is written) as a list."""
+        return (
+            [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        )
+
+    @pydantic.field_validator("extra_columns")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if any(not v.strip() for v in value):
+            raise ValueError("a column name cannot be empty")
+        twice = sorted({v for v in value if value.count(v) > 1})
+        if twice:
+            raise ValueError(f"column named twice: {', '.join(twice)}")
+        return value
 
 
 class OutputSettings(_Section):

@@ -2,7 +2,9 @@
 
 Formats: plain text (one URL a line, ``#`` comments), CSV/TSV with a header,
 JSON Lines; each optionally gzip-compressed (detected from the bytes, not the
-name); ``-`` is standard input. A bad *line* becomes an ``invalid_url``
+name); ``-`` is standard input; and parquet files (parquetinput.py), a row
+group at a time. Extra columns and the expected hash are read here
+(columns.py). A bad *line* becomes an ``invalid_url``
 outcome with its file and line number; only an input that cannot be opened or
 has no usable header is an :class:`InputError`.
 """
@@ -25,10 +27,12 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+from downloader.columns import Columns, InvalidHash
 from downloader.errors import InputError
 from downloader.objstore import is_s3
 from downloader.objstore import open_input as open_object
 from downloader.outcomes import Job, Outcome, Reason
+from downloader.parquetinput import ParquetRows, looks_like_parquet
 from downloader.settings import InputSettings, S3Settings
 from downloader.sharding import TICK, Tick
 
@@ -202,8 +206,16 @@ class InputList:
         self.path = path
         self.label = path
         self.settings = settings
+        self.columns = Columns(settings)
         #: size and ETag of an s3:// list (a local file's are read by state.fingerprint)
         self.fingerprint: dict[str, Any] | None = None
+        #: Set when the input broke off mid-way (a cut gzip stream, an I/O error).
+        self.error: str | None = None
+        self._parquet: ParquetRows | None = None
+        if self._is_parquet():
+            self.format = "parquet"
+            self._parquet = ParquetRows(path, self.columns)
+            return
         if is_s3(path):
             raw, self.fingerprint = open_object(path, s3 or S3Settings())
             self._stream = open_binary(path, opened=raw)
@@ -220,11 +232,26 @@ class InputList:
                 f"convert it with jq -c '.[]' {path}"
             )
         self._header: list[str] = []
-        #: Set when the input broke off mid-way (a cut gzip stream, an I/O error).
-        self.error: str | None = None
         if self.format in ("csv", "tsv") and first is not None:
             self._pending = []
             self._read_header(first)
+
+    def _is_parquet(self) -> bool:
+        """Parquet by setting, by name or by magic bytes; a parquet file is read from its
+        end, so only a local file can be one."""
+        wanted = self.settings.format == "parquet" or (
+            self.settings.format == "auto"
+            and (
+                self.path.lower().endswith((".parquet", ".parq"))
+                or (self.path != STDIN and not is_s3(self.path) and looks_like_parquet(self.path))
+            )
+        )
+        if wanted and (self.path == STDIN or is_s3(self.path)):
+            raise InputError(
+                f"{self.path}: a parquet list must be a local file (it is read from its "
+                "end): download it first, or convert it to CSV/JSON Lines to stream it"
+            )
+        return wanted
 
     def _first_meaningful(self) -> _Line | None:
         """The first line that is neither blank nor a comment (those have no outcome)."""
@@ -245,20 +272,24 @@ class InputList:
             csv.reader([line.text], delimiter=self._delimiter, skipinitialspace=True)
         )
         self._header = [h.strip() for h in self._header]
-        for column in (self.settings.url_column, self.settings.name_column):
-            if column and column not in self._header:
-                raise InputError(
-                    f"{self.label}: no column '{column}' in the header "
-                    f"(columns: {', '.join(self._header) or 'none'}); "
-                    "name the right ones with --url-column / --name-column "
-                    "(input.url_column / input.name_column)"
-                )
+        missing = self.columns.missing(self._header)
+        if missing:
+            raise InputError(
+                f"{self.label}: no column {', '.join(repr(c) for c in missing)} in the header "
+                f"(columns: {', '.join(self._header) or 'none'}); "
+                "name the right ones with --url-column / --name-column / --extra-column / "
+                "--hash-column (input.url_column, input.name_column, input.extra_columns, "
+                "input.hash_column)"
+            )
 
     @property
     def _delimiter(self) -> str:
         return "\t" if self.format == "tsv" else ","
 
     def __iter__(self) -> Iterator[Job | Outcome]:
+        if self._parquet is not None:
+            yield from self._rows(self._parquet)
+            return
         try:
             for line in itertools.chain(self._pending, self._lines):
                 item = self._parse(line)
@@ -269,24 +300,39 @@ class InputList:
         finally:
             self.close()
 
+    def _rows(self, rows: ParquetRows) -> Iterator[Job | Outcome]:
+        try:
+            for number, record in rows:
+                yield self._from_record(number, record)
+        except InputError as exc:
+            self.error = str(exc)
+        finally:
+            self.close()
+
     def close(self) -> None:
-        if self.path != STDIN:
+        if self._parquet is not None:
+            self._parquet.close()
+        elif self.path != STDIN:
             self._stream.close()
 
-    def _invalid(self, line: _Line, url: str, error: str) -> Outcome:
-        job = Job(url=url, input=self.label, line=line.number)
+    def _invalid(
+        self, number: int, url: str, error: str, record: dict[str, Any] | None = None
+    ) -> Outcome:
+        """A bad line's outcome, with the extra columns it has (null if it has none)."""
+        extra = self.columns.extra_of(record, empty_is_null=self.format in ("csv", "tsv"))
+        job = Job(url=url, input=self.label, line=number, extra=extra)
         return Outcome.not_saved(job, Reason.INVALID_URL, error=error)
 
     def _parse(self, line: _Line) -> Job | Outcome | None:
         if line.text is None:
-            return self._invalid(line, "", line.error or "undecodable line")
+            return self._invalid(line.number, "", line.error or "undecodable line")
         text = line.text
         if not text.strip():
             return None
         if self.format == "txt":
             if text.lstrip().startswith("#"):
                 return None
-            return self._job(line, text, None)
+            return self._job(line.number, text, None, None)
         if self.format == "jsonl":
             return self._parse_json(line, text)
         return self._parse_csv(line, text)
@@ -295,32 +341,52 @@ class InputList:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
-            return self._invalid(line, "", f"not valid JSON: {exc.msg}")
+            return self._invalid(line.number, "", f"not valid JSON: {exc.msg}")
         if not isinstance(record, dict):
-            return self._invalid(line, "", "JSON line is not an object")
+            return self._invalid(line.number, "", "JSON line is not an object")
+        return self._from_record(line.number, record)
+
+    def _from_record(self, number: int, record: dict[str, Any]) -> Job | Outcome:
+        """A JSON object's or a parquet row's job: values keep their types."""
         url = record.get(self.settings.url_column)
         if not isinstance(url, str):
-            return self._invalid(line, "", f"no string '{self.settings.url_column}' key")
+            return self._invalid(
+                number, "", f"no string '{self.settings.url_column}' value", record
+            )
         name = record.get(self.settings.name_column) if self.settings.name_column else None
-        return self._job(line, url, name if isinstance(name, str) else None)
+        return self._job(number, url, name if isinstance(name, str) else None, record)
 
     def _parse_csv(self, line: _Line, text: str) -> Job | Outcome:
         try:
             row = next(csv.reader([text], delimiter=self._delimiter, skipinitialspace=True))
         except csv.Error as exc:
-            return self._invalid(line, "", f"malformed CSV line: {exc}")
+            return self._invalid(line.number, "", f"malformed CSV line: {exc}")
         if len(row) != len(self._header):
-            return self._invalid(line, "", f"expected {len(self._header)} columns, got {len(row)}")
+            return self._invalid(
+                line.number, "", f"expected {len(self._header)} columns, got {len(row)}"
+            )
         record = dict(zip(self._header, row, strict=True))
         name = record.get(self.settings.name_column) if self.settings.name_column else None
-        return self._job(line, record[self.settings.url_column], name)
+        return self._job(line.number, record[self.settings.url_column], name, record)
 
-    def _job(self, line: _Line, url: str, name: str | None) -> Job | Outcome:
+    def _job(
+        self, number: int, url: str, name: str | None, record: dict[str, Any] | None
+    ) -> Job | Outcome:
         try:
             clean = check_url(url)
+            expected = self.columns.hash_of(record)
         except InvalidUrl as exc:
-            return self._invalid(line, url.strip(), str(exc))
-        return Job(url=clean, input=self.label, line=line.number, name=name or None)
+            return self._invalid(number, url.strip(), str(exc), record)
+        except InvalidHash as exc:
+            return self._invalid(number, clean, str(exc), record)
+        return Job(
+            url=clean,
+            input=self.label,
+            line=number,
+            name=name or None,
+            extra=self.columns.extra_of(record, empty_is_null=self.format in ("csv", "tsv")),
+            expected_hash=expected,
+        )
 
 
 def open_inputs(
