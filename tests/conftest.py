@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -136,3 +137,20 @@ def run_fetch(tmp_path: Path, urls: list[str], **env: str) -> tuple[Any, Path]:
         "fetch", str(listing), "-o", str(out), "--log-level", "debug", env=clean_env(**env)
     )
     return result, out
+
+
+def kill_after_requests(proc: subprocess.Popen[bytes], server: DevServer, count: int) -> int:
+    """SIGKILL ``proc`` and all its workers at once when ``server`` has seen ``count``
+    requests (or after 30 s); the requests seen by then."""
+    from downloader.proctree import descendants
+
+    try:
+        deadline = time.monotonic() + 30
+        while len(server.requests) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in descendants(proc.pid):  # the parent and every worker, at once
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    return len(server.requests)

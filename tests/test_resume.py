@@ -16,6 +16,7 @@ from downloader.devserver import DevServer
 from downloader.proctree import descendants
 from tests.conftest import (
     image_files,
+    kill_after_requests,
     read_manifest,
     read_summary,
     run_cli,
@@ -42,17 +43,7 @@ def test_kill_9_then_same_command_finishes_exactly_once(server: DevServer, tmp_p
         "--concurrency",
         "8",
     ]
-    proc = start_cli(*command)
-    try:
-        deadline = time.monotonic() + 30
-        while len(server.requests) < 250 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for pid in descendants(proc.pid):  # the parent and every worker, at once
-            os.kill(pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        proc.kill()
-    first_requests = len(server.requests)
+    first_requests = kill_after_requests(start_cli(*command), server, 250)
     assert 250 <= first_requests < 600
     saved_by_first = {p.relative_to(out) for p in image_files(out)}
     assert saved_by_first
