@@ -38,7 +38,8 @@ class _Section(BaseModel):
 
 
 class InputSettings(_Section):
-    """The input lists: their format, and where in a line the URL and the name are."""
+    """The input lists: their format, where in a line the URL and the name are, the
+    columns carried into the manifest and the expected hash of each image."""
 
     format: Literal["auto", "txt", "csv", "tsv", "jsonl", "parquet"] = Field(
         "auto",

@@ -117,6 +117,7 @@ def _doc_type(annotation: object) -> str:
         float: "number",
         Status: "string",
         Reason: "string",
+        dict[str, typing.Any]: "object",
     }
     args = typing.get_args(annotation)
     if args:  # X | None
