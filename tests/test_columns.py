@@ -17,8 +17,10 @@ import pytest
 
 from downloader.columns import Columns, InvalidHash, parse_hash
 from downloader.devserver import DevServer
+from downloader.outcomes import Job
 from downloader.parquetinput import ParquetRows
 from downloader.settings import InputSettings
+from downloader.sources import InputList
 from tests.conftest import (
     clean_env,
     image_files,
@@ -212,6 +214,16 @@ def test_a_configured_column_the_file_lacks_stops_the_run(tmp_path: Path, fmt: s
     result = run_cli("fetch", str(listing), "-o", str(out), "--hash-column", "sha256")
     assert result.returncode == 2
     assert "no column 'sha256'" in result.stderr
+
+
+def test_parquet_is_known_by_its_magic_bytes_without_the_suffix(tmp_path: Path) -> None:
+    listing = tmp_path / "export.data"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "id": [7]}), listing)
+    source = InputList(str(listing), InputSettings(extra_columns=["id"]))
+    assert source.format == "parquet"
+    (job,) = list(source)
+    assert isinstance(job, Job)
+    assert (job.url, job.line, job.extra) == ("http://127.0.0.1:9/a.jpg", 1, '{"id":7}')
 
 
 def test_parquet_from_standard_input_is_refused(tmp_path: Path) -> None:
