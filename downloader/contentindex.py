@@ -80,7 +80,11 @@ def bands(phash: int, count: int) -> list[tuple[int, int]]:
     """``count`` (band number, value) pairs covering the 64 bits: two hashes within
     distance ``count - 1`` share at least one pair."""
     edges = [round(64 * i / count) for i in range(count + 1)]
-    return [(k, (phash >> edges[k]) & ((1 << (edges[k + 1] - edges[k])) - 1)) for k in range(count)]
+    # _signed: with one band (max_distance 0) the value is all 64 bits
+    return [
+        (k, _signed((phash >> edges[k]) & ((1 << (edges[k + 1] - edges[k])) - 1)))
+        for k in range(count)
+    ]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

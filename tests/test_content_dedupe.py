@@ -7,6 +7,7 @@ import hashlib
 import io
 import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from downloader.contentindex import CONTENT_DB, ContentIndex
+from downloader.contentindex import BUSY, CONTENT_DB, ContentIndex, Match, bands
 from downloader.devserver import DevServer
 from downloader.proctree import descendants
 from downloader.transform import distance, perceptual_hash
@@ -229,3 +230,30 @@ def test_near_copies_are_caught_within_the_distance_and_distinct_images_are_not(
     assert all(0 <= int(r["error"].split("pHash distance ")[1].split()[0]) <= 4 for r in near)
     assert len(image_files(out)) == 4
     check_copies_point_at_stored_files(out, records)
+
+
+def test_bands_share_one_value_within_the_distance() -> None:
+    rnd = random.Random(5)
+    for count in (1, 2, 5, 9, 17):
+        for _ in range(200):
+            a = rnd.getrandbits(64)
+            b = a
+            for bit in rnd.sample(range(64), count - 1):  # distance count - 1
+                b ^= 1 << bit
+            assert set(bands(a, count)) & set(bands(b, count))
+
+
+def test_exact_and_top_bit_hashes_at_distance_zero(tmp_path: Path) -> None:
+    """max_distance 0 is one band of all 64 bits (it overflowed SQLite's INTEGER)."""
+    index = ContentIndex(tmp_path / "c.sqlite", 0, lambda relpath: True)
+    top = (1 << 63) | 12345
+    assert index.claim("aa" * 32, top, "x/1.jpg", "u:1") is None
+    index.confirm("aa" * 32, "x/1.jpg")
+    match = index.claim("bb" * 32, top, "x/2.jpg", "u:2")
+    assert match == Match("x/1.jpg", "u:1", 0, exact=False)
+    assert index.claim("cc" * 32, top ^ 1, "x/3.jpg", "u:3") is None  # distance 1 > 0
+    assert index.claim("aa" * 32, None, "x/4.jpg", "u:4") == Match("x/1.jpg", "u:1", 0, True)
+    # claimed, not yet confirmed, by a live process (this one): ask again later
+    assert index.claim("cc" * 32, None, "x/5.jpg", "u:5") is BUSY
+    index.release("cc" * 32)
+    assert index.claim("cc" * 32, None, "x/5.jpg", "u:5") is None
