@@ -153,7 +153,7 @@ class ContentIndex:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                found = self._find(key, phash)
+                found = self._find(key, phash, owner)
                 if found is None:
                     self._insert(key, phash, path, owner)
             except BaseException:
@@ -162,12 +162,14 @@ class ContentIndex:
             self._db.execute("COMMIT")
         return found
 
-    def _find(self, key: bytes, phash: int | None) -> Match | Busy | None:
+    def _find(self, key: bytes, phash: int | None, claimer: str) -> Match | Busy | None:
         row = self._db.execute(
             "SELECT path, owner, pid, claimed, done FROM content WHERE sha256 = ?", (key,)
         ).fetchone()
         if row is not None:
             path, owner, pid, claimed, done = row
+            if owner == claimer:  # an attempt at this very line, killed: it is ours
+                return None
             found = self._check(key, path, owner, pid, claimed, done, distance=0, exact=True)
             if found is not None:
                 return found
@@ -211,7 +213,7 @@ class ContentIndex:
 
     def _insert(self, key: bytes, phash: int | None, path: str, owner: str) -> None:
         self._db.execute(
-            "INSERT INTO content (sha256, phash, path, owner, pid, claimed, done) "
+            "INSERT OR REPLACE INTO content (sha256, phash, path, owner, pid, claimed, done) "
             "VALUES (?, ?, ?, ?, ?, ?, 0)",
             (key, None if phash is None else _signed(phash), path, owner, self._pid, time.time()),
         )

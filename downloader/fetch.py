@@ -423,11 +423,15 @@ class Fetcher:
             if self.validate.decode:
                 await part.close()
                 await asyncio.to_thread(check_decoded, part.path, image, self.validate)
-            stored = None
+            stored, claimed = None, False
             if self.stage is not None:
                 stored = await self.stage.restage(stem, whole, part, image, self.store)
                 part = stored.part
-                duplicate = await self._claim(job, stem, stored, digest.hexdigest())
+                # a revalidated image replaces its own file: not a copy of anything
+                claimed = self.stage.index is not None and not job.revalidating
+                duplicate = None
+                if claimed:
+                    duplicate = await self._claim(job, stem, stored, digest.hexdigest())
                 if duplicate is not None:  # a copy of an image stored earlier
                     await part.abort()
                     return dataclasses.replace(
@@ -450,13 +454,13 @@ class Fetcher:
                 # before it was killed): that is this image, saved.
                 new_sha = (stored.sha256 if stored else None) or digest.hexdigest()
                 if not await self.store.holds(str(exc), new_sha):
-                    await self._unclaim(digest.hexdigest())
+                    await self._unclaim(digest.hexdigest(), claimed)
                     raise
                 relpath = str(exc)
             except BaseException:
-                await self._unclaim(digest.hexdigest())
+                await self._unclaim(digest.hexdigest(), claimed)
                 raise
-            if self.stage is not None:
+            if claimed and self.stage is not None:
                 await asyncio.shield(self.stage.confirm(digest.hexdigest(), relpath))
             if job.previous_path and job.previous_path != relpath:  # the type changed
                 await self.store.remove(job.previous_path)
@@ -503,8 +507,8 @@ class Fetcher:
             error=f"{how} as {match.owner}, stored at {match.path}",
         )
 
-    async def _unclaim(self, sha256: str) -> None:
-        if self.stage is not None:
+    async def _unclaim(self, sha256: str, claimed: bool) -> None:
+        if claimed and self.stage is not None:
             await asyncio.shield(self.stage.release(sha256))
 
     def _turn(self, host: str) -> AbstractAsyncContextManager[None]:

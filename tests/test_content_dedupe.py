@@ -257,3 +257,15 @@ def test_exact_and_top_bit_hashes_at_distance_zero(tmp_path: Path) -> None:
     assert index.claim("cc" * 32, None, "x/5.jpg", "u:5") is BUSY
     index.release("cc" * 32)
     assert index.claim("cc" * 32, None, "x/5.jpg", "u:5") is None
+
+
+def test_a_killed_attempt_at_the_same_line_is_taken_over_not_a_copy(tmp_path: Path) -> None:
+    """A shard retried after its worker died between commit and confirm: the line's own
+    file is there, claimed by the dead worker; the retry is that image, not its copy."""
+    index = ContentIndex(tmp_path / "c.sqlite", None, lambda relpath: True)
+    assert index.claim("aa" * 32, None, "x/1.jpg", "u.txt:7") is None
+    index._db.execute("UPDATE content SET pid = ?", (dead_pid(),))
+    assert index.claim("aa" * 32, None, "x/1.jpg", "u.txt:7") is None  # ours again
+    index.confirm("aa" * 32, "x/1.jpg")
+    copy = index.claim("aa" * 32, None, "y/2.jpg", "u.txt:8")
+    assert copy == Match("x/1.jpg", "u.txt:7", 0, exact=True)
