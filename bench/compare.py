@@ -5,7 +5,9 @@
 Serves a generated corpus (bench/corpus.py) from nginx on 127.0.0.1, measures
 the machine's ceiling with wrk, then downloads the same list with every tool
 into a tmpfs (/dev/shm) and checks each saved file against the corpus digests.
-A row counts only if every image is on disk with the right bytes. Writes
+A row counts only if every image is on disk with the right bytes (the resize rows,
+imgdl-resize and img2dataset-resize: if every image is on disk as a JPEG that
+decodes, its smaller side 256). Writes
 ``bench/results/<date>-<host>.md`` (and ``.json``) and copies the table into
 bench/README.md. See bench/README.md for what each row runs.
 """
@@ -76,15 +78,29 @@ def wget2(listing: Path, out: Path, in_flight: int) -> list[str]:
             "-i", str(listing)]  # fmt: skip
 
 
-def img2dataset(listing: Path, out: Path, in_flight: int) -> list[str]:
+def img2dataset(listing: Path, out: Path, in_flight: int, *resize: str) -> list[str]:
     processes = os.cpu_count() or 1
+    resize = resize or ("--resize_mode", "no", "--disable_all_reencoding", "True")
     return [str(I2D_VENV / "bin" / "img2dataset"), "--url_list", str(listing),
             "--input_format", "txt", "--output_folder", str(out), "--output_format", "files",
-            "--resize_mode", "no", "--disable_all_reencoding", "True",
+            *resize,
             "--processes_count", str(processes), "--thread_count", str(in_flight // processes),
             "--number_sample_per_shard", "1000", "--retries", "0", "--timeout", "10",
             "--enable_wandb", "False", "--compute_hash", "None"]  # fmt: skip
 
+
+#: The resize rows: every image to keep_ratio RESIZE_SIZE, JPEG quality 95, both tools.
+RESIZE_SIZE = 256
+
+
+def img2dataset_resize(listing: Path, out: Path, in_flight: int) -> list[str]:
+    resize = ["--resize_mode", "keep_ratio", "--image_size", str(RESIZE_SIZE)]
+    return img2dataset(listing, out, in_flight, *resize, "--encode_format", "jpg",
+                       "--encode_quality", "95")  # fmt: skip
+
+
+IMGDL_RESIZE = ("--resize-mode", "keep_ratio", "--image-size", str(RESIZE_SIZE),
+                "--image-format", "jpeg", "--image-quality", "95")  # fmt: skip
 
 #: name -> (command builder, what the row is)
 ROWS: dict[str, tuple[Callable[[Path, Path, int], list[str]], str]] = {
@@ -101,7 +117,18 @@ ROWS: dict[str, tuple[Callable[[Path, Path, int], list[str]], str]] = {
         img2dataset,
         f"img2dataset, files, resize off, {os.cpu_count()} processes",
     ),
+    "imgdl-resize": (
+        imgdl(*IMGDL_RESIZE),
+        f"imgdl fetch --resize-mode keep_ratio --image-size {RESIZE_SIZE} --image-format jpeg",
+    ),
+    "img2dataset-resize": (
+        img2dataset_resize,
+        f"img2dataset, files, keep_ratio {RESIZE_SIZE}, jpg q95, {os.cpu_count()} processes",
+    ),
 }
+#: Rows whose files are re-encoded: checked by decoding, not by their bytes.
+RESIZE_ROWS = frozenset({"imgdl-resize", "img2dataset-resize"})
+I2D_ROWS = frozenset({"img2dataset", "img2dataset-resize"})
 DISK_ROW = "imgdl-disk"
 
 
@@ -134,6 +161,27 @@ def verify(out: Path, digests: set[str]) -> int:
             if digest in digests:
                 found.add(digest)
     return len(found)
+
+
+def verify_resized(out: Path, size: int = RESIZE_SIZE) -> int:
+    """How many image files in ``out`` decode fully as JPEG with their smaller side
+    ``size`` (keep_ratio; the corpus images are all smaller, so all are scaled)."""
+    from PIL import Image
+
+    good = 0
+    for folder, dirs, files in os.walk(out):
+        dirs[:] = [name for name in dirs if name != ".imgdl"]
+        for name in files:
+            if not name.endswith((".jpg", ".jpeg")):
+                continue
+            try:
+                with Image.open(os.path.join(folder, name)) as img:
+                    img.load()
+                    if img.format == "JPEG" and min(img.size) == size:
+                        good += 1
+            except OSError:
+                continue
+    return good
 
 
 def ceiling(server: Nginx, names: list[str], work: Path, in_flight: int) -> dict[str, object]:
@@ -211,7 +259,7 @@ def run_row(
     out.mkdir(parents=True)
     env = {**os.environ, **ALLOW_LOOPBACK}
     result = measure.run(command, env)
-    verified = verify(out, digests)
+    verified = verify_resized(out) if name in RESIZE_ROWS else verify(out, digests)
     count = len(digests)
     row: dict[str, object] = {
         "row": name,
@@ -328,7 +376,7 @@ def main() -> int:
         "wget2": ensure_installed(("wget2", "wget2")),
         "aria2c": ensure_installed(("aria2", "aria2c")),
     }
-    i2d_problem = ensure_img2dataset() if "img2dataset" in wanted else None
+    i2d_problem = ensure_img2dataset() if I2D_ROWS & set(wanted) else None
     results: dict[str, object] = {
         "machine": machine(),
         "count": args.count,
@@ -367,7 +415,7 @@ def main() -> int:
                 raise SystemExit(f"unknown row {name!r}; rows: {', '.join([*ROWS, DISK_ROW])}")
             elif missing_tools.get(name):
                 row = {"row": name, "skipped": f"apt-get could not install {name}"}
-            elif name == "img2dataset" and i2d_problem:
+            elif name in I2D_ROWS and i2d_problem:
                 row = {"row": name, "skipped": i2d_problem}
             else:
                 build, note = ROWS[name]

@@ -147,6 +147,39 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
         "Tries per URL, the first included; 1: no retries [default: 3].",
     ),
     (
+        "--resize-mode",
+        "image.resize_mode",
+        click.Choice(["no", "keep_ratio", "center_crop", "border"]),
+        "Resize each image before storing it: keep_ratio (smaller side to --image-size), "
+        "center_crop (then the middle square), border (fit in the square, padded) "
+        "[default: no].",
+    ),
+    (
+        "--image-size",
+        "image.size",
+        click.IntRange(1, 16384),
+        "Target size in pixels of --resize-mode [default: 256].",
+    ),
+    (
+        "--image-format",
+        "image.format",
+        click.Choice(["keep", "jpeg", "webp", "png"]),
+        "Re-encode stored images to this format [default: keep].",
+    ),
+    (
+        "--image-quality",
+        "image.quality",
+        click.IntRange(1, 100),
+        "JPEG/WebP quality of re-encoded images [default: 95].",
+    ),
+    (
+        "--dedupe-content",
+        "dedupe.content",
+        click.Choice(["off", "exact", "perceptual"]),
+        "Store each image once: later copies are duplicate_content; perceptual also "
+        "catches resized or re-encoded copies (pHash) [default: off].",
+    ),
+    (
         "--log-level",
         "log.level",
         click.Choice(["debug", "info", "warning", "error"]),

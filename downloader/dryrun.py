@@ -30,6 +30,7 @@ from downloader.settings import Settings
 from downloader.sources import InputList, read_all
 from downloader.storage import stem_for
 from downloader.tasks import TaskSlice
+from downloader.transform import require_pillow as require_pillow_for_images
 from downloader.validate import require_pillow
 
 #: Problems listed one by one; the rest are only counted.
@@ -130,6 +131,7 @@ def dry_run(settings: Settings, inputs: list[InputList], task: TaskSlice | None 
     """Read every line of ``inputs`` and decide what a run would do with it, offline.
     With ``task`` (a split job), only the lines that task takes, as its run would."""
     require_pillow(settings.validate_)  # a run with decode on and no Pillow stops here too
+    require_pillow_for_images(settings)
     # imported here: the network policy pulls in aiohttp, which a parent does not need
     from downloader.netpolicy import BlockedAddressError, NetworkPolicy
 

@@ -24,6 +24,7 @@ from downloader.columns import BodyHash
 from downloader.errors import UnsafeNameError
 from downloader.hostrules import HostRules
 from downloader.imagesize import image_size
+from downloader.imagestage import ImageStage, Stored
 from downloader.limits import Limiter
 from downloader.manners import opted_out
 from downloader.netpolicy import BlockedAddressError, NetworkPolicy, TargetCheck
@@ -156,8 +157,11 @@ class Fetcher:
         limiter: Limiter | None = None,
         policy: NetworkPolicy | None = None,
         defer_from: float = math.inf,
+        stage: ImageStage | None = None,
     ) -> None:
-        """``defer_from``: a retry due later than this many seconds raises RetryLater."""
+        """``defer_from``: a retry due later than this many seconds raises RetryLater.
+        ``stage``: re-encode and/or content dedupe before the commit (imagestage.py)."""
+        self.stage = stage
         self.session = session
         self.settings = settings
         self.defer_from = defer_from
@@ -415,6 +419,7 @@ class Fetcher:
             mismatch = expected.mismatch(digest.hexdigest()) if expected is not None else None
             if mismatch is not None:  # the image the list meant is not this one: not saved
                 raise _Failed(Reason.HASH_MISMATCH, mismatch, status, final=True)
+            whole: bytes | None = None
             if part is None:
                 whole = b"".join(held)
                 if image is None:  # the whole body was shorter than the sniff needs
@@ -425,16 +430,45 @@ class Fetcher:
             if self.validate.decode:
                 await part.close()
                 await asyncio.to_thread(check_decoded, part.path, image, self.validate)
+            stored, claimed = None, False
+            if self.stage is not None:
+                stored = await self.stage.restage(stem, whole, part, image, self.store)
+                part = stored.part
+                # a revalidated image replaces its own file: not a copy of anything
+                claimed = self.stage.index is not None and not job.revalidating
+                duplicate = None
+                if claimed:
+                    duplicate = await self._claim(job, stem, stored, digest.hexdigest())
+                if duplicate is not None:  # a copy of an image stored earlier
+                    await part.abort()
+                    return dataclasses.replace(
+                        duplicate,
+                        http_status=status,
+                        attempts=this_try.attempt,
+                        elapsed_ms=_ms_since(this_try.started),
+                        bytes=size,
+                        content_type=image.mime,
+                        width=dimensions[0] if dimensions else None,
+                        height=dimensions[1] if dimensions else None,
+                    )
+            final = stored.image if stored is not None else image
             try:
                 relpath = await part.commit(
-                    image.ext, replace=job.revalidating, content_type=image.mime
+                    final.ext, replace=job.revalidating, content_type=final.mime
                 )
             except NameTakenError as exc:
                 # The same bytes already there (an earlier attempt put them in place just
                 # before it was killed): that is this image, saved.
-                if not await self.store.holds(str(exc), digest.hexdigest()):
+                new_sha = (stored.sha256 if stored else None) or digest.hexdigest()
+                if not await self.store.holds(str(exc), new_sha):
+                    await self._unclaim(digest.hexdigest(), claimed)
                     raise
                 relpath = str(exc)
+            except BaseException:
+                await self._unclaim(digest.hexdigest(), claimed)
+                raise
+            if claimed and self.stage is not None:
+                await asyncio.shield(self.stage.confirm(digest.hexdigest(), relpath))
             if job.previous_path and job.previous_path != relpath:  # the type changed
                 await self.store.remove(job.previous_path)
         except (BodyError, InvalidImage) as exc:
@@ -445,7 +479,7 @@ class Fetcher:
             if part is not None:
                 await asyncio.shield(part.abort())
             raise
-        return Outcome.saved(
+        saved = Outcome.saved(
             job,
             attempts=this_try.attempt,
             elapsed_ms=_ms_since(this_try.started),
@@ -459,6 +493,30 @@ class Fetcher:
             etag=resp.headers.get("ETag"),
             last_modified=resp.headers.get("Last-Modified"),
         )
+        return stored.describe(saved) if stored is not None else saved
+
+    async def _claim(self, job: Job, stem: str, stored: Stored, sha256: str) -> Outcome | None:
+        """Claim the content (dedupe.content); the duplicate_content outcome when the
+        same image is stored already. A claimed image is confirmed or released
+        (``_unclaim``) by the caller."""
+        assert self.stage is not None
+        where = f"{job.input}:{job.line}"
+        match = await self.stage.claim(sha256, stored.phash, stem + stored.image.ext, where)
+        if match is None:
+            return None
+        how = "the same bytes" if match.exact else f"pHash distance {match.distance}"
+        return Outcome.not_saved(
+            job,
+            Reason.DUPLICATE_CONTENT,
+            path=match.path,
+            duplicate_of=match.owner,
+            sha256=sha256,
+            error=f"{how} as {match.owner}, stored at {match.path}",
+        )
+
+    async def _unclaim(self, sha256: str, claimed: bool) -> None:
+        if claimed and self.stage is not None:
+            await asyncio.shield(self.stage.release(sha256))
 
     def _turn(self, host: str) -> AbstractAsyncContextManager[None]:
         if self.limiter is None:

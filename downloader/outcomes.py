@@ -28,6 +28,8 @@ class Reason(enum.StrEnum):
     # skipped
     SKIPPED_EXISTS = "skipped_exists"
     DUPLICATE = "duplicate"
+    #: the same image (dedupe.content) was stored for an earlier URL: not stored again
+    DUPLICATE_CONTENT = "duplicate_content"
     OPTED_OUT = "opted_out"
     NOT_MODIFIED = "not_modified"
     # failed: the input itself
@@ -66,7 +68,13 @@ class Reason(enum.StrEnum):
 
 
 _SKIP_REASONS = frozenset(
-    {Reason.SKIPPED_EXISTS, Reason.DUPLICATE, Reason.OPTED_OUT, Reason.NOT_MODIFIED}
+    {
+        Reason.SKIPPED_EXISTS,
+        Reason.DUPLICATE,
+        Reason.DUPLICATE_CONTENT,
+        Reason.OPTED_OUT,
+        Reason.NOT_MODIFIED,
+    }
 )
 
 #: Reasons whose URL is worth feeding back in: everything but a broken input line.
@@ -135,6 +143,12 @@ class Outcome:
     #: When the line's outcome was decided: Unix time in seconds (UTC), to the
     #: millisecond. None in records of versions before it (and in hand-made ones).
     finished_at: float | None = None
+    #: The downloaded image, when what was stored is a re-encoded version of it
+    #: (image.resize_mode / image.format); None otherwise.
+    original_width: int | None = None
+    original_height: int | None = None
+    original_bytes: int | None = None
+    original_sha256: str | None = None
     #: input.extra_columns of the line, {column: value}; None when none are configured.
     extra: dict[str, Any] | None = None
 

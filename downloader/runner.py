@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from downloader import objstore, sharding
+from downloader import contentindex, objstore, sharding
 from downloader.dedupe import Duplicates
 from downloader.errors import ImgdlError
 from downloader.limits import SharedLimits
@@ -57,6 +57,7 @@ from downloader.state import (
 from downloader.storage import case_insensitive, names_may_collide
 from downloader.tasks import TaskSlice
 from downloader.telemetry import active_telemetry, get_logger
+from downloader.transform import require_pillow as require_pillow_for_images
 from downloader.validate import require_pillow
 from downloader.worker import (
     STOP_SIGNALS,
@@ -255,6 +256,20 @@ class Runner:
             return
         log.info("records uploaded", to=sent)
 
+    def _settle_content(self) -> None:
+        """dedupe.content: settle the claims a killed run left (contentindex.settle)."""
+        dedupe = self.settings.dedupe
+        if dedupe.content == "off":
+            return
+        if self.target is not None:
+            exists = self._object_exists
+        else:
+            exists = lambda relpath: (self.outdir / relpath).is_file()  # noqa: E731
+        near = dedupe.max_distance if dedupe.content == "perceptual" else None
+        settled = contentindex.settle(self.outdir / contentindex.CONTENT_DB, near, exists)
+        if any(settled.values()):
+            log.info("content index settled", **settled)
+
     def _open_state(self) -> LineSet:
         try:
             self.records_dir.mkdir(parents=True, exist_ok=True)
@@ -282,6 +297,7 @@ class Runner:
 
     def run(self) -> tuple[int, dict[str, Any]]:
         require_pillow(self.settings.validate_)
+        require_pillow_for_images(self.settings)
         if not self.settings.tls.verify:
             log.warning(
                 "TLS verification is OFF (tls.verify: false): any server can impersonate any host"
@@ -296,6 +312,7 @@ class Runner:
                 "the output folder held the records of other inputs: moved them aside",
                 to=str(self.state.archived),
             )
+        self._settle_content()
         report = RunReport(self.state)
         structlog.contextvars.bind_contextvars(role="parent")
         previous = {

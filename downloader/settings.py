@@ -653,6 +653,58 @@ class ValidateSettings(_Section):
     )
 
 
+class ImageSettings(_Section):
+    """Resize and re-encode each image before it is stored (off by default)."""
+
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border"] = Field(
+        "no",
+        description="img2dataset's modes: no (keep the pixels), keep_ratio (smaller side "
+        "to image.size), center_crop (smaller side to image.size, then the middle square), "
+        "border (larger side to image.size, then padded white to a square). Needs Pillow "
+        "(pip install 'imgdl[dataset]').",
+    )
+    size: int = Field(
+        256, ge=1, le=16384, description="Target size in pixels of image.resize_mode."
+    )
+    format: Literal["keep", "jpeg", "webp", "png"] = Field(
+        "keep",
+        description="Format the stored image is encoded in: keep (the original bytes when "
+        "resize_mode is no; else the original's format if JPEG, WebP or PNG, otherwise "
+        "JPEG), jpeg, webp or png. Anything but keep re-encodes every image.",
+    )
+    quality: int = Field(
+        95, ge=1, le=100, description="JPEG and WebP quality of a re-encoded image (1-100)."
+    )
+    workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Threads per worker process that decode, resize, encode and hash "
+        "images, off the event loop so that downloads keep flowing (Pillow releases the "
+        "GIL while it works).",
+    )
+
+
+class DedupeSettings(_Section):
+    """Content dedupe: the same image under another URL is stored once."""
+
+    content: Literal["off", "exact", "perceptual"] = Field(
+        "off",
+        description="off; exact (a body whose sha256 was stored before, in this run or an "
+        "earlier one in this output folder, is duplicate_content pointing at the first "
+        "file); perceptual (also images whose 64-bit pHash is within dedupe.max_distance "
+        "of a stored one: resized or re-encoded copies; decodes every image, needs Pillow).",
+    )
+    max_distance: int = Field(
+        4,
+        ge=0,
+        le=16,
+        description="perceptual: the largest Hamming distance between two pHashes that "
+        "counts as the same image. Larger catches more edits, but also more distinct "
+        "look-alikes, and each lookup reads more candidates.",
+    )
+
+
 class LogSettings(_Section):
     """The log lines on stderr, and the progress shown there."""
 
@@ -689,6 +741,8 @@ class Settings(_Section):
     retry: RetrySettings = RetrySettings()
     manners: MannersSettings = MannersSettings()
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
+    image: ImageSettings = ImageSettings()
+    dedupe: DedupeSettings = DedupeSettings()
     log: LogSettings = LogSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

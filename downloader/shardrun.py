@@ -20,6 +20,7 @@ from typing import IO, Any
 import aiohttp
 
 from downloader.fetch import Fetcher, RetryLater
+from downloader.imagestage import process_stage
 from downloader.limits import Limiter
 from downloader.netpolicy import NetworkPolicy
 from downloader.outcomes import Job, Outcome, Reason, Status
@@ -153,6 +154,7 @@ class ShardRun:
             limiter if limiter.limits_anything else None,
             policy,
             defer_from=DEFER_RETRIES_FROM,
+            stage=process_stage(self.settings, self.context.outdir, self.context.s3 is None),
         )
         watcher = asyncio.create_task(self._watch_stop(journal))
         producer = asyncio.create_task(self._produce(queue, consumers_n, journal))

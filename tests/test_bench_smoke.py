@@ -41,3 +41,24 @@ def test_compare_runs_and_verifies_every_file(tmp_path: Path) -> None:
     for name, cells in rows.items():
         assert cells[5].strip() == "200", (name, cells)  # verified on disk, byte for byte
     assert "start-up to first request" in result.stdout
+
+
+def test_resize_row_is_verified_by_decoding_at_the_target_size(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "bench/compare.py", "--count", "40", "--rows", "imgdl-resize",
+         "--server", "python", "--no-ceiling", "--no-write", "--work", str(tmp_path / "w")],
+        cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = [line.split("|") for line in result.stdout.splitlines() if "| imgdl-resize" in line]
+    assert row[5].strip() == "40", result.stdout  # 40 JPEGs on disk, smaller side 256
+
+    from PIL import Image
+
+    from bench.compare import verify_resized  # the check itself refuses other files
+
+    (tmp_path / "sized").mkdir()
+    Image.new("RGB", (300, 256)).save(tmp_path / "sized" / "a.jpg")
+    Image.new("RGB", (300, 200)).save(tmp_path / "sized" / "b.jpg")
+    (tmp_path / "sized" / "c.jpg").write_bytes(b"\xff\xd8\xff not a whole jpeg")
+    assert verify_resized(tmp_path / "sized") == 1
