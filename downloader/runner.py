@@ -302,10 +302,16 @@ class Runner:
             log.warning(
                 "TLS verification is OFF (tls.verify: false): any server can impersonate any host"
             )
+        # folders this run would create for an s3:// output's local state
+        made = [d for d in [self.records_dir, *self.records_dir.parents] if not d.exists()]
         try:
             done = self._open_state()
         except BaseException:
             self._close_bucket()
+            if self.target is not None:  # a bucket not reached leaves no empty folders
+                for folder in made:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
             raise
         if self.state.archived is not None:
             log.warning(

@@ -274,8 +274,12 @@ def test_a_bucket_that_does_not_exist_stops_the_run_before_it_starts(
     s3: S3, tmp_path: Path
 ) -> None:
     listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/i/1.jpg"])
-    result = run_cli("fetch", str(listing), "-o", "s3://no-such-bucket/x", env=s3.env)
+    result = run_cli(
+        "fetch", str(listing), "-o", "s3://no-such-bucket/x", env=s3.env, cwd=tmp_path
+    )
     assert result.returncode == 2
+    # the default local state folder (./imgdl-state/BUCKET/PREFIX) is not left behind empty
+    assert not (tmp_path / "imgdl-state").exists()
     assert "cannot list s3://no-such-bucket/x" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     # what to do, not the XML header the store's answer starts with
@@ -292,9 +296,10 @@ def test_a_store_that_cannot_be_reached_says_where_to_look(tmp_path: Path) -> No
         IMGDL_S3_RETRIES="0",
         IMGDL_S3_TIMEOUT="2",
     )
-    result = run_cli("fetch", str(listing), "-o", "s3://some-bucket/x", env=env)
+    result = run_cli("fetch", str(listing), "-o", "s3://some-bucket/x", env=env, cwd=tmp_path)
     assert result.returncode == 2
     assert "check AWS_ENDPOINT_URL" in result.stderr, result.stderr
+    assert not (tmp_path / "imgdl-state").exists()
 
 
 def test_report_on_a_bucket_points_at_the_local_records(tmp_path: Path) -> None:
@@ -310,7 +315,7 @@ def test_without_the_s3_client_the_error_says_what_to_install(tmp_path: Path) ->
     (fake / "__init__.py").write_text("raise ImportError('obstore is not installed (test)')\n")
     listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/i/1.jpg"])
     env = clean_env(PYTHONPATH=str(tmp_path / "site"))
-    result = run_cli("fetch", str(listing), "-o", "s3://some-bucket/x", env=env)
+    result = run_cli("fetch", str(listing), "-o", "s3://some-bucket/x", env=env, cwd=tmp_path)
     assert result.returncode == 2
     assert "pip install 'imgdl[s3]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
