@@ -303,7 +303,8 @@ class Runner:
                 "TLS verification is OFF (tls.verify: false): any server can impersonate any host"
             )
         # folders this run would create for an s3:// output's local state
-        made = [d for d in [self.records_dir, *self.records_dir.parents] if not d.exists()]
+        folders = [self._objects_path.parent, self.records_dir, *self.records_dir.parents]
+        made = [folder for folder in folders if not folder.exists()]
         try:
             done = self._open_state()
         except BaseException:

@@ -274,9 +274,7 @@ def test_a_bucket_that_does_not_exist_stops_the_run_before_it_starts(
     s3: S3, tmp_path: Path
 ) -> None:
     listing = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/i/1.jpg"])
-    result = run_cli(
-        "fetch", str(listing), "-o", "s3://no-such-bucket/x", env=s3.env, cwd=tmp_path
-    )
+    result = run_cli("fetch", str(listing), "-o", "s3://no-such-bucket/x", env=s3.env, cwd=tmp_path)
     assert result.returncode == 2
     # the default local state folder (./imgdl-state/BUCKET/PREFIX) is not left behind empty
     assert not (tmp_path / "imgdl-state").exists()
