@@ -1,0 +1,577 @@
+"""Dataset output formats: the parent packs saved images into shards.
+
+With ``output.format: webdataset`` or ``parquet`` the workers save images exactly
+as for ``files``, but into a staging folder, ``RECORDS/.imgdl/staging/``
+(``RECORDS`` is OUTDIR, or a task's folder of a split job). The parent, which
+already reads every record as shards of work finish, offers each saved sample to
+a :class:`Packer`. The packer appends it to the open shard, ``NNNNN.tar.part``
+(the image as ``KEY.<ext>`` and its manifest record as ``KEY.json``, streamed
+from the staged file) with its metadata row in ``NNNNN.parquet.part``, or, for
+``parquet``, the row with the image bytes in ``NNNNN.parquet.part``. When the
+shard holds ``output.shard_samples`` samples it is closed, fsynced and renamed
+into place (the ``.parquet`` first, then the ``.tar``: the tar is the commit
+point of a webdataset shard), its keys go into ``.imgdl/shards.sqlite``, and
+only then are the staged files deleted. The last, smaller shard is written when
+the run ends with its input read to the end and no stop signal; a stopped run
+leaves its samples staged.
+
+Why this keeps the invariants:
+
+- nothing partial at a final name: a shard is written under ``.part`` and renamed;
+  the next run deletes every ``.part`` (and a ``.parquet`` without its ``.tar``);
+- nothing lost: a staged file is deleted only after its shard is durable and
+  indexed. On resume, a line is done if its staged file is there or its key is in
+  the index (``exists``); staged samples with a record go into the first new
+  shard (``pack_leftovers``); a staged file without a record (killed between the
+  rename and the journal line) is found by the worker, ``skipped_exists``, and
+  packed then;
+- nothing twice: a key already indexed or already in the open shard is not packed
+  again; a complete shard missing from the index (killed between the rename and
+  the index commit) is indexed from its parquet's ``key`` column at start;
+- memory: the open shard's keys and staged paths (``shard_samples`` short
+  strings) and one parquet row group (at most ``ROW_GROUP_ROWS`` rows or
+  ``ROW_GROUP_BYTES`` of image bytes); images are streamed into the tar.
+
+The sample key is the URL hash (``storage.url_hash``, 32 hex digits): unique per
+URL (duplicate lines are not fetched twice) and the same in every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sqlite3
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from downloader.errors import ImgdlError
+from downloader.outcomes import Outcome
+from downloader.settings import OutputSettings, Settings
+from downloader.state import STATE_DIR, LineSet
+from downloader.telemetry import get_logger
+
+FILES = "files"
+WEBDATASET = "webdataset"
+PARQUET = "parquet"
+#: below RECORDS/.imgdl/: the workers' output folder for a dataset format
+STAGING = "staging"
+#: below RECORDS/.imgdl/: complete shards and their keys
+INDEX = "shards.sqlite"
+#: the column of the sample key, and (parquet format) of the image bytes
+KEY_COLUMN = "key"
+IMAGE_COLUMN = "image"
+ROW_GROUP_ROWS = 1000
+ROW_GROUP_BYTES = 32 * 1024 * 1024
+_SHARD = re.compile(r"(\d{5,})\.(tar|parquet)")
+_PART = re.compile(r"(\d{5,})\.(tar|parquet)\.part")
+
+log = get_logger()
+
+
+def check(settings: Settings, s3_output: bool) -> None:
+    """Refuse at start what a dataset format cannot do (exit 2), before anything runs."""
+    output = settings.output
+    fmt = output.format
+    if fmt == FILES:
+        return
+    flag = f"--output-format {fmt}"
+    if s3_output:
+        raise ImgdlError(
+            f"{flag} writes its shards to a local folder; an s3:// output takes the files "
+            "format only (write the shards to a local folder, then copy them to the bucket)"
+        )
+    if settings.input.name_column:
+        raise ImgdlError(
+            f"{flag} names each sample by its URL hash: input.name_column "
+            f"({settings.input.name_column!r}) applies to the files format only"
+        )
+    if output.name_template != OutputSettings.model_fields["name_template"].default:
+        raise ImgdlError(
+            f"{flag} names each sample by its URL hash: output.name_template applies to the "
+            "files format only"
+        )
+    if settings.run.revalidate:
+        raise ImgdlError(f"{flag} cannot revalidate images already packed into shards")
+    require_pyarrow(fmt)
+
+
+def require_pyarrow(fmt: str) -> None:
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ImgdlError(
+            f"--output-format {fmt} needs pyarrow: pip install 'imgdl[dataset]'"
+        ) from None
+
+
+def sample_key(relpath: str) -> str:
+    """The key of a staged image: its name without folder and extension (the URL hash)."""
+    return os.path.splitext(os.path.basename(relpath))[0]
+
+
+def _key_bytes(key: str) -> bytes:
+    try:
+        return bytes.fromhex(key)
+    except ValueError:  # not a URL hash: cannot happen with the fixed template
+        return key.encode("utf-8", "surrogatepass")
+
+
+def _is_sample(status: Any, reason: Any) -> bool:
+    """Does a record with this status name an image that is its line's sample? (A
+    duplicate's path is its first line's: not a sample of its own.)"""
+    return (status == "saved" and reason is None) or reason == "skipped_exists"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+class ShardIndex:
+    """``.imgdl/shards.sqlite``: the complete shards and the keys each holds (16 bytes
+    a key), so that a resumed run knows which samples are packed without reading the
+    shards, and never packs one twice."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.executescript(
+            "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);"
+            "CREATE TABLE IF NOT EXISTS shards (n INTEGER PRIMARY KEY, samples INTEGER);"
+            "CREATE TABLE IF NOT EXISTS keys (key BLOB PRIMARY KEY, shard INTEGER)"
+            " WITHOUT ROWID;"
+        )
+
+    def format(self) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+        return None if row is None else str(row[0])
+
+    def set_format(self, fmt: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (fmt,))
+
+    def shards(self) -> set[int]:
+        return {int(n) for (n,) in self._db.execute("SELECT n FROM shards")}
+
+    def has(self, key: str) -> bool:
+        found = self._db.execute("SELECT 1 FROM keys WHERE key = ?", (_key_bytes(key),))
+        return found.fetchone() is not None
+
+    def add(self, number: int, keys: list[str]) -> None:
+        """One transaction: the shard and its keys are indexed together or not at all."""
+        self._db.execute("BEGIN")
+        try:
+            self._db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?)", (number, len(keys)))
+            self._db.executemany(
+                "INSERT OR IGNORE INTO keys VALUES (?, ?)", ((_key_bytes(k), number) for k in keys)
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def forget(self, number: int) -> None:
+        self._db.execute("DELETE FROM keys WHERE shard = ?", (number,))
+        self._db.execute("DELETE FROM shards WHERE n = ?", (number,))
+
+    def totals(self) -> tuple[int, int]:
+        count, samples = self._db.execute("SELECT count(*), total(samples) FROM shards").fetchone()
+        return int(count), int(samples)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _kind(annotation: str) -> str:
+    """The parquet type of a manifest field, from its annotation in ``Outcome``."""
+    if "dict" in annotation or "list" in annotation:
+        return "json"
+    for kind in ("bool", "int", "float"):
+        if re.search(rf"\b{kind}\b", annotation):
+            return kind
+    return "string"
+
+
+def _kind_of(value: Any) -> str:
+    """The parquet type of a record field ``Outcome`` does not declare (an extra input
+    column), from its first value."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if value is None or isinstance(value, str):
+        return "string"
+    return "json"
+
+
+_DECLARED = {name: _kind(str(annotation)) for name, annotation in Outcome.__annotations__.items()}
+
+
+def _coerce(value: Any, kind: str) -> Any:
+    """``value`` as a cell of a ``kind`` column; None when it does not fit."""
+    if value is None:
+        return None
+    if kind in ("string", "json"):
+        if not isinstance(value, str):
+            return orjson.dumps(value, default=str).decode("utf-8")
+        # a lone surrogate (kept from undecodable bytes) is not UTF-8
+        return value if value.isascii() else value.encode("utf-8", "replace").decode("utf-8")
+    if kind == "bool":
+        return value if isinstance(value, bool) else None
+    if kind == "int":
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if kind == "float":
+        return float(value) if isinstance(value, int | float) else None
+    return None
+
+
+class _Table:
+    """A parquet file written a row group at a time (pyarrow.parquet.ParquetWriter).
+
+    Columns: ``key``, then the fields of the first record in its order (the types of
+    ``Outcome``'s fields from their annotations, others from their first value), then
+    ``image`` (binary) for the parquet format. A field a later record adds is in its
+    ``.json`` (webdataset) but not a column of this shard."""
+
+    def __init__(self, path: Path, with_image: bool) -> None:
+        self.path = path
+        self._with_image = with_image
+        self._rows: list[dict[str, Any]] = []
+        self._bytes = 0
+        self._kinds: dict[str, str] | None = None
+        self._writer: Any = None
+
+    def add(self, key: str, record: dict[str, Any], image: bytes | None = None) -> None:
+        if self._kinds is None:
+            self._kinds = {KEY_COLUMN: "string"}
+            for name, value in record.items():
+                if name not in (KEY_COLUMN, IMAGE_COLUMN):
+                    self._kinds[name] = _DECLARED.get(name) or _kind_of(value)
+        row = {**record, KEY_COLUMN: key}
+        if self._with_image:
+            row[IMAGE_COLUMN] = image
+            self._bytes += len(image or b"")
+        self._rows.append(row)
+        if len(self._rows) >= ROW_GROUP_ROWS or self._bytes >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _schema(self) -> Any:
+        import pyarrow as pa
+
+        assert self._kinds is not None
+        types = {
+            "string": pa.string(),
+            "json": pa.string(),
+            "int": pa.int64(),
+            "float": pa.float64(),
+            "bool": pa.bool_(),
+        }
+        fields = [pa.field(name, types[kind]) for name, kind in self._kinds.items()]
+        if self._with_image:
+            fields.append(pa.field(IMAGE_COLUMN, pa.binary()))
+        return pa.schema(fields)
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        assert self._kinds is not None
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, self._schema())
+        columns = {
+            name: [_coerce(row.get(name), kind) for row in self._rows]
+            for name, kind in self._kinds.items()
+        }
+        if self._with_image:
+            columns[IMAGE_COLUMN] = [row[IMAGE_COLUMN] for row in self._rows]
+        self._writer.write_table(pa.Table.from_pydict(columns, schema=self._writer.schema))
+        self._rows.clear()
+        self._bytes = 0
+
+    def close(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def abort(self) -> None:
+        self._rows.clear()
+        with contextlib.suppress(Exception):
+            if self._writer is not None:
+                self._writer.close()
+        self._writer = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class _Tar:
+    """A tar file streamed member by member (tarfile copies in blocks)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+
+    def _info(self, name: str, size: int, mtime: float) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, int(mtime), 0o644
+        return info
+
+    def add_file(self, name: str, source: Path, mtime: float) -> None:
+        with open(source, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            self._tar.addfile(self._info(name, size, mtime), handle)
+
+    def add_bytes(self, name: str, data: bytes, mtime: float) -> None:
+        self._tar.addfile(self._info(name, len(data), mtime), io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()  # the end-of-archive blocks; the file stays open
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class _OpenShard:
+    """The shard being filled, under its ``.part`` names."""
+
+    def __init__(self, fmt: str, folder: Path, number: int) -> None:
+        self.number = number
+        self.name = f"{number:05d}"
+        self.folder = folder
+        self.keys: list[str] = []
+        self.staged: list[Path] = []
+        self.tar = _Tar(folder / f"{self.name}.tar.part") if fmt == WEBDATASET else None
+        self.table = _Table(folder / f"{self.name}.parquet.part", with_image=self.tar is None)
+
+    def add(self, key: str, staged: Path, record: dict[str, Any], text: str) -> None:
+        ext = os.path.splitext(staged.name)[1]
+        mtime = record.get("finished_at") or time.time()
+        if self.tar is not None:
+            self.tar.add_file(key + ext, staged, mtime)
+            self.tar.add_bytes(f"{key}.json", text.encode("utf-8", "surrogatepass"), mtime)
+            self.table.add(key, record)
+        else:
+            self.table.add(key, record, staged.read_bytes())
+        self.keys.append(key)
+        self.staged.append(staged)
+
+    def commit(self) -> None:
+        """Close, fsync, rename into place: the parquet, then the tar (the commit point)."""
+        self.table.close()
+        _fsync(self.table.path)
+        if self.tar is not None:
+            self.tar.close()
+        os.replace(self.table.path, self.folder / f"{self.name}.parquet")
+        if self.tar is not None:
+            os.replace(self.tar.path, self.folder / f"{self.name}.tar")
+        _fsync(self.folder)
+
+    def abort(self) -> None:
+        self.table.abort()
+        if self.tar is not None:
+            self.tar.abort()
+
+
+class Packer:
+    """The parent's side of a dataset format: staged samples in, complete shards out."""
+
+    def __init__(self, fmt: str, shard_samples: int, records_dir: Path) -> None:
+        self.format = fmt
+        self.shard_samples = shard_samples
+        self.folder = records_dir
+        self.staging = records_dir / STATE_DIR / STAGING
+        self._index_path = records_dir / STATE_DIR / INDEX
+        self._index: ShardIndex | None = None
+        self._open: _OpenShard | None = None
+        self._open_keys: set[str] = set()
+        self._next = 0
+        #: shards this run completed
+        self.written = 0
+
+    @property
+    def _commit_ext(self) -> str:
+        return "tar" if self.format == WEBDATASET else "parquet"
+
+    def start(self) -> ShardIndex:
+        """Open the index and make it agree with the shards on disk (called once the
+        run holds the folder's lock: by RunState through ``exists``, or by the runner)."""
+        if self._index is None:
+            self.staging.mkdir(parents=True, exist_ok=True)
+            self._index = ShardIndex(self._index_path)
+            self._reconcile(self._index)
+        return self._index
+
+    def _reconcile(self, index: ShardIndex) -> None:
+        before = index.format()
+        if before is not None and before != self.format and index.shards():
+            raise ImgdlError(
+                f"{self.folder} holds {before} shards: write {self.format} shards to "
+                f"another folder, or use --output-format {before}"
+            )
+        index.set_format(self.format)
+        complete: dict[int, Path] = {}
+        sidecars: dict[int, Path] = {}
+        for entry in os.scandir(self.folder):
+            part = _PART.fullmatch(entry.name)
+            if part:  # a shard being written when a run was killed: its samples are staged
+                os.unlink(entry.path)
+                continue
+            match = _SHARD.fullmatch(entry.name)
+            if match and match[2] == self._commit_ext:
+                complete[int(match[1])] = Path(entry.path)
+            elif match:
+                sidecars[int(match[1])] = Path(entry.path)
+        if self.format == WEBDATASET:
+            for number, path in sidecars.items():
+                if number not in complete:  # killed between the two renames
+                    path.unlink()
+        indexed = index.shards()
+        for number in sorted(indexed - complete.keys()):
+            log.warning("a shard is gone: its samples will be fetched again", shard=number)
+            index.forget(number)
+        for number in sorted(complete.keys() - indexed):  # killed before the index commit
+            index.add(number, self._keys_of(number, complete[number]))
+        for path in self._staged_files():
+            if index.has(sample_key(path.name)):  # killed before the staged files went
+                path.unlink()
+        self._next = max(complete, default=-1) + 1
+
+    def _keys_of(self, number: int, path: Path) -> list[str]:
+        """The keys of a complete shard, from its parquet (beside a tar, or itself)."""
+        import pyarrow.parquet as pq
+
+        table = self.folder / f"{number:05d}.parquet"
+        try:
+            keys = pq.read_table(table, columns=[KEY_COLUMN]).column(KEY_COLUMN).to_pylist()
+            return [str(k) for k in keys]
+        except Exception as exc:  # unreadable metadata: a tar still lists its members
+            if self.format != WEBDATASET:
+                raise ImgdlError(f"cannot read the shard {path}: {exc}; move it away") from None
+        with tarfile.open(path) as tar:
+            return sorted({n.split(".", 1)[0] for n in tar.getnames() if n.endswith(".json")})
+
+    def _staged_files(self) -> Iterator[Path]:
+        for folder, _, names in os.walk(self.staging):
+            for name in names:
+                yield Path(folder, name)
+
+    def exists(self, relpath: str) -> bool:
+        """Is the image of a record still there: staged, or packed into a shard?"""
+        index = self.start()
+        return _nonempty_file(self.staging / relpath) or index.has(sample_key(relpath))
+
+    def has_staged(self) -> bool:
+        return next(self._staged_files(), None) is not None
+
+    def pack_leftovers(self, records: Iterable[tuple[dict[str, Any], str]]) -> None:
+        """Pack the staged samples of a killed run (their records are the newest of
+        their lines, newest first), before this run's new ones."""
+        self.start()
+        staged = {p.relative_to(self.staging).as_posix() for p in self._staged_files()}
+        if not staged:
+            return
+        seen = LineSet()
+        for record, text in records:
+            line = (record["input"], record["line"])
+            if line in seen:
+                continue
+            seen.add(line)
+            if record.get("path") in staged:
+                self.offer(record, text)
+
+    def offer_outcomes(self, found: Iterable[tuple[Outcome, str]]) -> None:
+        """A shard of work's journaled records, as the manifest gets them: the text is
+        decoded, so every field the record has (extra input columns too) is carried."""
+        for outcome, text in found:
+            if outcome.path is not None and _is_sample(outcome.status, outcome.reason):
+                self.offer(Outcome.decode(text), text)
+
+    def offer(self, record: dict[str, Any], text: str) -> None:
+        """Pack the image of one record if it is this line's sample and not packed yet."""
+        path = record.get("path")
+        if not isinstance(path, str) or not _is_sample(record.get("status"), record.get("reason")):
+            return
+        key = sample_key(path)
+        index = self.start()
+        if key in self._open_keys or index.has(key):
+            return
+        staged = self.staging / path
+        if not _nonempty_file(staged):
+            log.warning("a saved image is not in the staging folder", path=path)
+            return
+        if self._open is None:
+            self._open = _OpenShard(self.format, self.folder, self._next)
+            self._next += 1
+        self._open.add(key, staged, record, text)
+        self._open_keys.add(key)
+        if len(self._open.keys) >= self.shard_samples:
+            self._complete()
+
+    def _complete(self) -> None:
+        shard, self._open = self._open, None
+        assert shard is not None and self._index is not None
+        shard.commit()
+        self._index.add(shard.number, shard.keys)
+        for path in shard.staged:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._open_keys.clear()
+        self.written += 1
+        log.info("shard written", shard=shard.name, samples=len(shard.keys))
+
+    def finish(self, complete: bool) -> dict[str, Any]:
+        """The end of the run: the last, smaller shard if the job is complete (else its
+        samples stay staged for the next run); the summary's ``shards`` entry."""
+        index = self.start()
+        if self._open is not None:
+            if complete:
+                self._complete()
+            else:
+                self._open.abort()
+                self._open = None
+                self._open_keys.clear()
+        shards, samples = index.totals()
+        self.close()
+        return {
+            "format": self.format,
+            "shard_samples": self.shard_samples,
+            "written": self.written,
+            "shards": shards,
+            "samples": samples,
+        }
+
+    def close(self) -> None:
+        """Drop an open shard (its samples stay staged) and close the index."""
+        if self._open is not None:
+            self._open.abort()
+            self._open = None
+        if self._index is not None:
+            self._index.close()
+            self._index = None
