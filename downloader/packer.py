@@ -557,6 +557,7 @@ class Packer:
                 self._open.abort()
                 self._open = None
                 self._open_keys.clear()
+        self._prune_staging()
         shards, samples = index.totals()
         self.close()
         return {
@@ -566,6 +567,14 @@ class Packer:
             "shards": shards,
             "samples": samples,
         }
+
+    def _prune_staging(self) -> None:
+        """Remove the staging folder's empty fan-out folders (a file left, for a line
+        still to finish, keeps its own)."""
+        for folder, _, names in os.walk(self.staging, topdown=False):
+            if folder != str(self.staging) and not names:
+                with contextlib.suppress(OSError):  # not empty: a subfolder holds a file
+                    os.rmdir(folder)
 
     def close(self) -> None:
         """Drop an open shard (its samples stay staged) and close the index."""
