@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -91,6 +92,22 @@ def start_cli(
         stderr=subprocess.PIPE,
         env=env if env is not None else clean_env(),
     )
+
+
+def kill_9_when(proc: subprocess.Popen[bytes], condition: Callable[[], bool]) -> None:
+    """SIGKILL ``proc`` and every process below it (the workers), at once, when
+    ``condition`` holds (or after 30 s): a crash of the whole run, mid-way."""
+    from downloader.proctree import descendants
+
+    try:
+        deadline = time.monotonic() + 30
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in descendants(proc.pid):  # the parent and every worker, at once
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:

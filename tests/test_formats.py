@@ -6,10 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import signal
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +15,10 @@ import pytest
 import webdataset as wds
 
 from downloader.devserver import DevServer
-from downloader.proctree import descendants
 from downloader.storage import url_hash
 from tests.conftest import (
     clean_env,
+    kill_9_when,
     read_manifest,
     read_summary,
     run_cli,
@@ -175,32 +172,10 @@ def test_kill_9_mid_run_then_the_same_command_packs_every_sample_once(
     urls = [f"{server.url}/slow/30/{n}" for n in range(600)]
     listing = write_list(tmp_path / "u.txt", urls)
     out = tmp_path / "out"
-    command = [
-        "fetch",
-        str(listing),
-        "-o",
-        str(out),
-        "--processes",
-        "2",
-        "--shard-size",
-        "50",
-        "--concurrency",
-        "8",
-        "--output-format",
-        "webdataset",
-        "--shard-samples",
-        "40",
-    ]
-    proc = start_cli(*command)
-    try:
-        deadline = time.monotonic() + 30
-        while len(list(out.glob("*.tar"))) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for pid in descendants(proc.pid):  # the parent and every worker, at once
-            os.kill(pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        proc.kill()
+    options = "--processes 2 --shard-size 50 --concurrency 8 --shard-samples 40"
+    command = ["fetch", str(listing), "-o", str(out), "--output-format", "webdataset"]
+    command += options.split()
+    kill_9_when(start_cli(*command), lambda: len(list(out.glob("*.tar"))) >= 3)
     first_requests = len(server.requests)
     assert first_requests < 600
     complete = sorted(p.stem for p in out.glob("*.tar"))

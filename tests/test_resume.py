@@ -16,6 +16,7 @@ from downloader.devserver import DevServer
 from downloader.proctree import descendants
 from tests.conftest import (
     image_files,
+    kill_9_when,
     read_manifest,
     read_summary,
     run_cli,
@@ -42,16 +43,7 @@ def test_kill_9_then_same_command_finishes_exactly_once(server: DevServer, tmp_p
         "--concurrency",
         "8",
     ]
-    proc = start_cli(*command)
-    try:
-        deadline = time.monotonic() + 30
-        while len(server.requests) < 250 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for pid in descendants(proc.pid):  # the parent and every worker, at once
-            os.kill(pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        proc.kill()
+    kill_9_when(start_cli(*command), lambda: len(server.requests) >= 250)
     first_requests = len(server.requests)
     assert 250 <= first_requests < 600
     saved_by_first = {p.relative_to(out) for p in image_files(out)}
