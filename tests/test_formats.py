@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tests.conftest import (
     read_summary,
     run_cli,
     start_cli,
+    wait_for,
     write_list,
 )
 
@@ -323,3 +325,79 @@ def test_files_stays_the_default_and_unchanged(server: DevServer, tmp_path: Path
     assert "shards" not in read_summary(out)
     assert not (out / ".imgdl" / "staging").exists()
     assert not list(out.glob("*.tar")) and not list(out.glob("*.parquet"))
+
+
+def test_a_stopped_run_leaves_no_small_shard_and_the_same_command_finishes(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """SIGTERM: the run finishes what is in flight and exits 143; the open shard is not
+    written (its samples wait, staged), so an interrupted job gets no trail of small
+    shards; the same command packs them and finishes."""
+    urls = [f"{server.url}/slow/40/{n}" for n in range(300)]
+    out = tmp_path / "out"
+    command = ["fetch", str(write_list(tmp_path / "u.txt", urls)), "-o", str(out)]
+    options = "--processes 2 --concurrency 4 --shard-size 20 --shard-samples 25"
+    command += ["--output-format", "parquet", *options.split()]
+    proc = start_cli(*command)
+    try:
+        wait_for(lambda: bool(list(out.glob("*.parquet"))))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 143
+    finally:
+        proc.kill()
+    shards = sorted(out.glob("*.parquet"))
+    assert shards and all(pq.read_metadata(p).num_rows == 25 for p in shards)
+    assert not list(out.glob("*.part"))
+    summary = read_summary(out)
+    assert summary["shards"]["written"] == len(shards) and summary["saved"] < 300
+    staged = [p for p in (out / ".imgdl" / "staging").rglob("*") if p.is_file()]
+    assert len(staged) == summary["saved"] - 25 * len(shards)
+
+    again = run_cli(*command)
+    assert again.returncode == 0, again.stderr
+    keys = [k for p in sorted(out.glob("*.parquet")) for k in pq.read_table(p)["key"].to_pylist()]
+    assert sorted(keys) == sorted(url_hash(u) for u in urls)
+    assert [pq.read_metadata(p).num_rows for p in sorted(out.glob("*.parquet"))] == [25] * 12
+
+
+def test_a_folder_holds_the_shards_of_one_format(server: DevServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    listing = write_list(tmp_path / "u.txt", _urls(server, 3))
+    assert _fetch(listing, out, "--output-format", "webdataset").returncode == 0
+    other = _fetch(listing, out, "--output-format", "parquet")
+    assert other.returncode == 2
+    assert "holds webdataset shards" in other.stderr and "Traceback" not in other.stderr
+    assert sorted(p.name for p in out.glob("0*")) == ["00000.parquet", "00000.tar"]
+
+
+def test_extra_record_fields_are_carried_generically(tmp_path: Path) -> None:
+    """Fields the manifest record gains (extra input columns such as a caption) reach
+    the .json as written and the parquet as columns, typed by their first value, with
+    no field named in the packer."""
+    from downloader.outcomes import Outcome
+    from downloader.shardfiles import OpenShard
+
+    shard = OpenShard("webdataset", tmp_path, 7)
+    records = []
+    for n, (caption, ident) in enumerate([("a cat", 7), ("un chat \udcff", "x")]):
+        staged = tmp_path / f"{n:032x}.png"
+        staged.write_bytes(b"\x89PNG" + bytes([n]) * 10)
+        base = Outcome.from_dict(
+            {"input": "u.csv", "line": n + 2, "url": f"http://h/{n}", "status": "saved"}
+        ).to_dict()
+        record = {**base, "caption": caption, "id": ident, "meta": {"license": "cc-by"}}
+        text = json.dumps(record, ensure_ascii=True)
+        shard.add(staged.stem, staged, record, text)
+        records.append((staged, text))
+    shard.commit()
+    assert sorted(p.name for p in tmp_path.glob("00007.*")) == ["00007.parquet", "00007.tar"]
+    samples = _read_tars(tmp_path)
+    assert [s["json"].decode() for s in samples] == [text for _, text in records]
+    assert [s["png"] for s in samples] == [staged.read_bytes() for staged, _ in records]
+    rows = pq.read_table(tmp_path / "00007.parquet").to_pylist()
+    assert [r["caption"] for r in rows] == ["a cat", "un chat ?"]  # a lone surrogate: '?'
+    assert [r["id"] for r in rows] == [7, None]  # typed by its first value; "x" is no int
+    assert [json.loads(r["meta"]) for r in rows] == [{"license": "cc-by"}] * 2
+    assert [r["line"] for r in rows] == [2, 3] and [r["key"] for r in rows] == [
+        f"{n:032x}" for n in range(2)
+    ]
