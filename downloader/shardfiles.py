@@ -10,7 +10,6 @@ pyarrow is imported where it is used.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import sqlite3
@@ -225,36 +224,73 @@ class _Table:
             self.path.unlink()
 
 
+_BLOCK = 512
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class _Tar:
-    """A tar file streamed member by member (tarfile copies in blocks)."""
+    """A ustar file written member by member: the header (``tarfile.TarInfo.tobuf``,
+    so the format is the standard library's), then the image copied by the kernel
+    (``os.sendfile``: no copy through the parent's memory), then the padding.
+    ``tarfile.addfile`` cost twice as much CPU in the parent for the same file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = open(path, "wb")  # noqa: SIM115
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
-    def _info(self, name: str, size: int, mtime: float) -> tarfile.TarInfo:
+    @staticmethod
+    def _header(name: str, size: int, mtime: float) -> bytes:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = size, int(mtime), 0o644
-        return info
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+    @staticmethod
+    def _padding(size: int) -> bytes:
+        return bytes(-size % _BLOCK)
 
     def add_file(self, name: str, source: Path, mtime: float) -> None:
         with open(source, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            self._tar.addfile(self._info(name, size, mtime), handle)
+            _write_all(self._fd, self._header(name, size, mtime))
+            self._copy(handle.fileno(), size)
+        _write_all(self._fd, self._padding(size))
+
+    def _copy(self, source: int, size: int) -> None:
+        done = 0
+        try:
+            while done < size:
+                sent = os.sendfile(self._fd, source, done, size - done)
+                if sent == 0:
+                    break
+                done += sent
+        except OSError:  # a file system without sendfile between files: read and write
+            os.lseek(source, done, os.SEEK_SET)
+            while done < size and (block := os.read(source, min(1 << 20, size - done))):
+                _write_all(self._fd, block)
+                done += len(block)
+        if done != size:  # the staged file shrank: it is never written after its rename
+            raise OSError(f"{self.path}: copied {done} of {size} bytes")
 
     def add_bytes(self, name: str, data: bytes, mtime: float) -> None:
-        self._tar.addfile(self._info(name, len(data), mtime), io.BytesIO(data))
+        header = self._header(name, len(data), mtime)
+        _write_all(self._fd, header + data + self._padding(len(data)))
 
     def close(self) -> None:
-        self._tar.close()  # the end-of-archive blocks; the file stays open
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        """The end-of-archive marker (two zero blocks), fsync, close."""
+        _write_all(self._fd, bytes(2 * _BLOCK))
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
