@@ -116,7 +116,7 @@ def test_webdataset_shards_read_back_with_the_webdataset_package(
 def test_parquet_shards_hold_the_images_and_the_manifest_columns(
     server: DevServer, tmp_path: Path
 ) -> None:
-    urls = [*_urls(server, 12), f"{server.url}/status/500/x"]
+    urls = [*_urls(server, 12), f"{server.url}/status/500/x", _urls(server, 1)[0]]
     out = tmp_path / "out"
     listing = write_list(tmp_path / "u.txt", urls)
     result = _fetch(
@@ -132,6 +132,7 @@ def test_parquet_shards_hold_the_images_and_the_manifest_columns(
     by_line = {r["line"]: r for r in read_manifest(out)}
     rows = [row for p in sorted(out.glob("*.parquet")) for row in pq.read_table(p).to_pylist()]
     assert len(rows) == 12 == sum(r["status"] == "saved" for r in by_line.values())
+    assert by_line[14]["reason"] == "duplicate"  # the same URL again: one sample
     for row in rows:
         image = row.pop("image")
         assert image == server.image(_number(row["url"]))[0]
