@@ -10,7 +10,8 @@
 # Behind a TLS-intercepting proxy, give pip its CA as a build secret:
 #   podman build --secret id=extra_ca,src=proxy-ca.pem -t imgdl .
 # EXTRAS: optional dependencies of imgdl to install [default: s3,socks: s3:// outputs and
-# input lists, SOCKS5 proxies], e.g. --build-arg EXTRAS=s3,socks,decode (decode: Pillow).
+# input lists, SOCKS5 proxies], e.g. --build-arg EXTRAS=s3,socks,decode (decode: Pillow;
+# dataset: pyarrow, for --output-format webdataset / parquet).
 ARG BASE_IMAGE=python:3.11-slim
 
 # ---- build: the wheels, then a venv installed from them alone ------------------------

@@ -126,6 +126,19 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
         str,
         "Name of saved files, e.g. '{host}/{basename}' [default: {url_hash:.3}/{url_hash}].",
     ),
+    (
+        "--output-format",
+        "output.format",
+        click.Choice(["files", "webdataset", "parquet"]),
+        "files: one file per image; webdataset: tar shards (00000.tar...) with a metadata "
+        "parquet each; parquet: parquet shards holding the images [default: files].",
+    ),
+    (
+        "--shard-samples",
+        "output.shard_samples",
+        click.IntRange(1),
+        "Images per shard of the webdataset and parquet formats [default: 10000].",
+    ),
     ("--max-bytes", "validate.max_bytes", click.IntRange(1), "Largest image to keep, in bytes."),
     (
         "--timeout",
@@ -279,6 +292,7 @@ _FETCH_EXAMPLES = _examples(
     "imgdl fetch pairs.parquet -o out --extra-column caption --hash-column sha256",
     "imgdl fetch out/failures.txt -o out               # retry what failed",
     "imgdl fetch urls.txt -o out --report              # also writes out/report.html",
+    "imgdl fetch urls.txt -o shards --output-format webdataset --shard-samples 1000",
     "IMGDL_NETWORK_ALLOW=127.0.0.0/8 imgdl fetch local.txt   # a server on this machine",
 )
 _DRY_RUN_EXIT_CODES = """\b

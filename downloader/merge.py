@@ -74,6 +74,8 @@ def merge(outdir: Path) -> dict[str, Any]:
     """Write the job's manifest, failures and summary in ``outdir``; return the summary."""
     count, folders = _task_folders(outdir)
     unfinished: dict[str, str] = {}
+    #: a dataset format: each task's shards stay in its folder (tasks/task-I-of-N/)
+    shards: dict[str, Any] = {}
 
     def records() -> Iterator[tuple[dict[str, Any], str]]:
         for index in range(count):
@@ -87,6 +89,7 @@ def merge(outdir: Path) -> dict[str, Any]:
                 unfinished[name] = f"stopped (exit code {summary.get('exit_code')})"
             elif not summary.get("input_complete", True):
                 unfinished[name] = "did not read its input to the end"
+            _add_shards(shards, summary.get("shards"), f"{TASKS_DIR}/{name}")
             yield from read_raw(folder / MANIFEST)
 
     archived = _move_aside_other_records(outdir)
@@ -105,8 +108,20 @@ def merge(outdir: Path) -> dict[str, Any]:
     }
     if archived is not None:
         summary["archived"] = str(archived.relative_to(outdir))
+    if shards:
+        summary["shards"] = shards
     write_summary(outdir, summary)
     return summary
+
+
+def _add_shards(total: dict[str, Any], task: Any, folder: str) -> None:
+    """Count a task's shards (its summary's ``shards``) into the job's."""
+    if not isinstance(task, dict):
+        return
+    total.setdefault("format", task.get("format"))
+    total["shards"] = total.get("shards", 0) + int(task.get("shards", 0))
+    total["samples"] = total.get("samples", 0) + int(task.get("samples", 0))
+    total.setdefault("folders", []).append(folder)
 
 
 def _move_aside_other_records(outdir: Path) -> Path | None:
@@ -148,6 +163,12 @@ def merge_text(summary: dict[str, Any], outdir: str) -> str:
         f"imgdl: manifest {base}/{MANIFEST}; failures {base}/{FAILURES} "
         f"({summary['refetchable_failures']} to retry); exit {summary['exit_code']}",
     ]
+    shards = summary.get("shards")
+    if shards:
+        lines.append(
+            f"imgdl: {shards['shards']} {shards['format']} shards holding {shards['samples']} "
+            f"samples, in each task's folder: {base}/{TASKS_DIR}/task-*/"
+        )
     if summary.get("archived"):
         lines.append(
             f"imgdl: the records that were in {base} (not a merge's) were moved to "

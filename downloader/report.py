@@ -199,8 +199,10 @@ class RunReport:
         input_errors: list[str],
         unread: Iterable[str] = (),
         task: dict[str, Any] | None = None,
+        shards: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Merge the records, write ``summary.json``; returns the summary."""
+        """Merge the records, write ``summary.json``; returns the summary. ``shards``:
+        what a dataset format packed (packer.Packer.finish)."""
         if self.duplicates is not None:
             self.duplicates.close()
         self.state.close()
@@ -231,6 +233,8 @@ class RunReport:
         }
         if task is not None:
             summary["task"] = task
+        if shards is not None:
+            summary["shards"] = shards
         write_summary(self.outdir, summary)
         return summary
 
@@ -265,6 +269,12 @@ def summary_text(summary: dict[str, Any], outdir: Path) -> str:
         f"failures {outdir / FAILURES} ({summary['refetchable_failures']} to retry); "
         f"exit {summary['exit_code']}",
     ]
+    shards = summary.get("shards")
+    if shards:
+        lines.append(
+            f"imgdl: {shards['format']} shards: {shards['written']} written this run; "
+            f"{shards['shards']} in {outdir} holding {shards['samples']} samples"
+        )
     for error in summary["input_errors"]:
         lines.append(f"imgdl: input error: {error}")
     if summary["input_errors"]:  # running the same again reads the same broken input

@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from downloader import contentindex, objstore, sharding
+from downloader import contentindex, objstore, packer, sharding
 from downloader.dedupe import Duplicates
 from downloader.errors import ImgdlError
 from downloader.limits import SharedLimits
@@ -152,10 +152,18 @@ class Runner:
         #: what an s3:// prefix held when the run began (see objstore.ObjectIndex)
         self._objects: objstore.IndexReader | None = None
         self._objects_path = self.records_dir / STATE_DIR / f"objects-{os.getpid()}.sqlite"
+        #: webdataset / parquet: the workers stage the images, the packer shards them
+        form = settings.output
+        self.packer = (
+            packer.Packer(form.format, form.shard_samples, self.records_dir)
+            if form.format != packer.FILES
+            else None
+        )
+        exists = self._object_exists if self.target is not None else None
         self.state = RunState(
             self.records_dir,
             images=self.outdir,
-            exists=self._object_exists if self.target is not None else None,
+            exists=self.packer.exists if self.packer is not None else exists,
         )
         self._mp = multiprocessing.get_context("spawn")
         self._stop = self._mp.Event()
@@ -284,11 +292,18 @@ class Runner:
             self._probe_existing = not empty or names_may_collide(
                 output.name_template, self.settings.input.name_column
             )
-            return self.state.open(
+            done = self.state.open(
                 [i.label for i in self.inputs],
                 revalidate=self.settings.run.revalidate,
                 known={i.label: i.fingerprint for i in self.inputs if i.fingerprint},
             )
+            if self.packer is not None:
+                self.packer.start()
+                # a killed run's images wait in the staging folder: pack them first,
+                # and let the workers look for them there
+                self._probe_existing = self._probe_existing or self.packer.has_staged()
+                self.packer.pack_leftovers(self.state.raw_records())
+            return done
         except OSError as exc:
             where = exc.filename or self.outdir
             raise ImgdlError(
@@ -298,6 +313,7 @@ class Runner:
     def run(self) -> tuple[int, dict[str, Any]]:
         require_pillow(self.settings.validate_)
         require_pillow_for_images(self.settings)
+        packer.check(self.settings, s3_output=self.target is not None)
         if not self.settings.tls.verify:
             log.warning(
                 "TLS verification is OFF (tls.verify: false): any server can impersonate any host"
@@ -309,6 +325,9 @@ class Runner:
             done = self._open_state()
         except BaseException:
             self._close_bucket()
+            if self.packer is not None:
+                self.packer.close()
+            self.state.unlock()
             if self.target is not None:  # a bucket not reached leaves no empty folders
                 for folder in made:
                     with contextlib.suppress(OSError):
@@ -372,6 +391,11 @@ class Runner:
                 report.record(Outcome.not_saved(job, Reason.INTERRUPTED, error=why))
             input_errors = [i.error for i in self.inputs if i.error] + self._reader_errors
             complete = lines.exhausted and not input_errors
+            shards = (
+                self.packer.finish(complete and self._signal_exit is None)
+                if self.packer is not None
+                else None
+            )
             summary = report.finish(
                 self._signal_exit,
                 lines.count,
@@ -380,6 +404,7 @@ class Runner:
                 input_errors,
                 unread=() if complete else self._unread_failures(lines),
                 task=dataclasses.asdict(self.task) if self.task else None,
+                shards=shards,
             )
             if self.target is not None:
                 self._publish(summary)
@@ -396,6 +421,8 @@ class Runner:
             for item in self.inputs:
                 item.close()
             self._close_bucket()
+            if self.packer is not None:
+                self.packer.close()
             self.state.unlock()
         log.info(
             "run finished",
@@ -448,7 +475,7 @@ class Runner:
     def _new_pool(self) -> ProcessPoolExecutor:
         context = WorkerContext(
             settings=self.settings,
-            outdir=self.outdir,
+            outdir=self.packer.staging if self.packer is not None else self.outdir,
             stop=self._stop,
             limits=self._limits,
             parent_pid=os.getpid(),
@@ -687,7 +714,12 @@ class Runner:
     ) -> None:
         """Record the shard's outcomes; the jobs in ``later`` get theirs from a retry."""
         jobs = [j for j in shard.jobs if (j.input, j.line) not in later] if later else shard.jobs
-        report.merge(jobs, _journaled(shard.journal), missing, error)
+        journaled = _journaled(shard.journal)
+        report.merge(jobs, journaled, missing, error)
+        if self.packer is not None:  # after the records: a sample's .json is its record
+            self.packer.offer_outcomes(
+                journaled[(j.input, j.line)] for j in jobs if (j.input, j.line) in journaled
+            )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(shard.journal)
 

@@ -117,6 +117,23 @@ class OutputSettings(_Section):
         "without suffixes), {line}. Python format specs apply: {url_hash:.3} is the first "
         "3 characters. The default fans files out into 4,096 folders.",
     )
+    format: Literal["files", "webdataset", "parquet"] = Field(
+        "files",
+        description="How the images are written. files: one file per image (named by "
+        "name_template). webdataset: tar shards 00000.tar, 00001.tar... of shard_samples "
+        "samples each (KEY.jpg/.png/... and KEY.json, the manifest record; KEY is the URL "
+        "hash), each with 00000.parquet beside it holding the shard's metadata. parquet: "
+        "shards 00000.parquet... holding the metadata and the image bytes (column image). "
+        "A shard appears only when complete. Needs pip install 'imgdl[dataset]'; a local "
+        "output folder; the default name_template and no input.name_column.",
+    )
+    shard_samples: int = Field(
+        10000,
+        ge=1,
+        le=10_000_000,
+        description="Samples (saved images) per shard of the webdataset and parquet formats; "
+        "the last shard of a job holds the rest.",
+    )
 
 
 class S3Settings(_Section):

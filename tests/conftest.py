@@ -94,6 +94,22 @@ def start_cli(
     )
 
 
+def kill_9_when(proc: subprocess.Popen[bytes], condition: Callable[[], bool]) -> None:
+    """SIGKILL ``proc`` and every process below it (the workers), at once, when
+    ``condition`` holds (or after 30 s): a crash of the whole run, mid-way."""
+    from downloader.proctree import descendants
+
+    try:
+        deadline = time.monotonic() + 30
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in descendants(proc.pid):  # the parent and every worker, at once
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
     """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -142,15 +158,5 @@ def run_fetch(tmp_path: Path, urls: list[str], **env: str) -> tuple[Any, Path]:
 def kill_after_requests(proc: subprocess.Popen[bytes], server: DevServer, count: int) -> int:
     """SIGKILL ``proc`` and all its workers at once when ``server`` has seen ``count``
     requests (or after 30 s); the requests seen by then."""
-    from downloader.proctree import descendants
-
-    try:
-        deadline = time.monotonic() + 30
-        while len(server.requests) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for pid in descendants(proc.pid):  # the parent and every worker, at once
-            os.kill(pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        proc.kill()
+    kill_9_when(proc, lambda: len(server.requests) >= count)
     return len(server.requests)

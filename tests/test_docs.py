@@ -141,7 +141,8 @@ def test_summary_table_has_every_key_a_run_writes(tmp_path: Path) -> None:
     state = RunState(tmp_path / "out")
     state.open(["-"])
     task = {"index": 0, "count": 2, "source": "run.shard_index"}  # a task of a split job
-    summary = RunReport(state).finish(None, 0, 0, True, [], task=task)
+    shards = {"format": "webdataset", "shard_samples": 1, "written": 0, "shards": 0, "samples": 0}
+    summary = RunReport(state).finish(None, 0, 0, True, [], task=task, shards=shards)
     state.unlock()
     keys = {k for k in summary if k != "this_run"} | {f"this_run.{k}" for k in summary["this_run"]}
     keys.add("archived")  # previous-runs/*/summary.json only
@@ -152,7 +153,10 @@ def test_merged_summary_table_has_every_key_a_merge_writes(tmp_path: Path) -> No
     task = tmp_path / TASKS_DIR / task_name(0, 1)
     task.mkdir(parents=True)
     (task / MANIFEST).write_text("", encoding="utf-8")
-    (task / SUMMARY).write_text('{"exit_code": 0, "input_complete": true}', encoding="utf-8")
+    (task / SUMMARY).write_text(
+        '{"exit_code": 0, "input_complete": true, "shards": {"format": "parquet", "shards": 1}}',
+        encoding="utf-8",
+    )
     summary = merge(tmp_path)
     counts = set(counts_of(Totals()))
     assert set(_table("summary.json of a split job")) | counts == set(summary)
