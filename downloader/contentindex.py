@@ -132,15 +132,30 @@ class ContentIndex:
         self._db = sqlite3.connect(
             path, timeout=_BUSY_SECONDS, isolation_level=None, check_same_thread=False
         )
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
-        self._db.executescript(_SCHEMA)
+        self._set_up()
         self._lock = threading.Lock()
         self._bands = None if max_distance is None else max_distance + 1
         self._max = max_distance or 0
         self._exists = exists
         self._pid = os.getpid()
+
+    def _set_up(self) -> None:
+        """WAL mode and the schema. Two processes doing this at once on a new file can
+        get "database is locked" at once, without SQLite's busy wait (switching to WAL
+        takes an exclusive lock): ask again for up to the busy timeout. The parent
+        creates the file before the workers start (``settle``), so this is rare."""
+        deadline = time.monotonic() + _BUSY_SECONDS
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = NORMAL")
+                self._db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+                self._db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         with self._lock:
@@ -252,9 +267,7 @@ def settle(path: Path, max_distance: int | None, exists: Callable[[str], bool]) 
     """At the start of a run (no worker yet): claims left by killed processes are
     confirmed if their file is there, deleted otherwise; the pHash bands are rebuilt
     if ``max_distance`` changed since the last run. Returns what was done."""
-    if not path.exists() and max_distance is None:
-        return {}
-    index = ContentIndex(path, max_distance, exists)
+    index = ContentIndex(path, max_distance, exists)  # created here, before the workers
     db = index._db
     counts = {"confirmed": 0, "dropped": 0, "rebanded": 0}
     db.execute("BEGIN IMMEDIATE")

@@ -20,6 +20,7 @@ from typing import Any
 
 from downloader.contentindex import BUSY, CONTENT_DB, ContentIndex, Match
 from downloader.outcomes import Outcome
+from downloader.packer import content_db_beside, sample_exists
 from downloader.settings import Settings
 from downloader.storage import Part, Store
 from downloader.transform import Processed, Transform, pool, process
@@ -155,7 +156,11 @@ def process_stage(settings: Settings, outdir: Path, local: bool) -> ImageStage |
         index = None
         if dedupe.content != "off":
             near = dedupe.max_distance if dedupe.content == "perceptual" else None
-            index = ContentIndex(outdir / CONTENT_DB, near, exists_in(outdir, local))
+            if settings.output.format == "files":
+                db, exists = outdir / CONTENT_DB, exists_in(outdir, local)
+            else:  # outdir is the staging folder of a dataset format
+                db, exists = content_db_beside(outdir), sample_exists(outdir)
+            index = ContentIndex(db, near, exists)
         _stage = ImageStage(settings, transform, index)
     return _stage
 

@@ -41,15 +41,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sqlite3
 import tarfile
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from downloader.errors import ImgdlError
 from downloader.outcomes import Outcome
 from downloader.settings import OutputSettings, Settings
-from downloader.shardfiles import KEY_COLUMN, WEBDATASET, OpenShard, ShardIndex
+from downloader.shardfiles import KEY_COLUMN, WEBDATASET, OpenShard, ShardIndex, key_bytes
 from downloader.state import STATE_DIR, LineSet
 from downloader.telemetry import get_logger
 
@@ -105,6 +107,40 @@ def require_pyarrow(fmt: str) -> None:
 def sample_key(relpath: str) -> str:
     """The key of a staged image: its name without folder and extension (the URL hash)."""
     return os.path.splitext(os.path.basename(relpath))[0]
+
+
+def content_db_beside(staging: Path) -> Path:
+    """The content table (dedupe.content) of a dataset format: in RECORDS/.imgdl beside
+    the staging folder, not inside it, where it would be taken for a sample."""
+    return staging.parent / "content.sqlite"
+
+
+def sample_exists(staging: Path) -> Callable[[str], bool]:
+    """``exists(relpath)`` for a worker's content index (dedupe.content) under a dataset
+    format: the first copy of an image is staged, or packed into a complete shard
+    already (its key in the parent's shard index, read here read-only). Without this
+    a copy that came after its first was packed would be stored again."""
+    index_path = staging.parent / INDEX
+    lock = threading.Lock()
+    db: sqlite3.Connection | None = None
+
+    def exists(relpath: str) -> bool:
+        nonlocal db
+        if _nonempty_file(staging / relpath):
+            return True
+        with lock:
+            if db is None:
+                if not index_path.exists():
+                    return False
+                db = sqlite3.connect(
+                    f"{index_path.as_uri()}?mode=ro", uri=True, timeout=60, check_same_thread=False
+                )
+            found = db.execute(
+                "SELECT 1 FROM keys WHERE key = ?", (key_bytes(sample_key(relpath)),)
+            )
+            return found.fetchone() is not None
+
+    return exists
 
 
 def _is_sample(status: Any, reason: Any) -> bool:

@@ -269,12 +269,15 @@ class Runner:
         dedupe = self.settings.dedupe
         if dedupe.content == "off":
             return
-        if self.target is not None:
+        db = self.outdir / contentindex.CONTENT_DB
+        if self.packer is not None:  # staged, or packed into a shard
+            db, exists = packer.content_db_beside(self.packer.staging), self.packer.exists
+        elif self.target is not None:
             exists = self._object_exists
         else:
             exists = lambda relpath: (self.outdir / relpath).is_file()  # noqa: E731
         near = dedupe.max_distance if dedupe.content == "perceptual" else None
-        settled = contentindex.settle(self.outdir / contentindex.CONTENT_DB, near, exists)
+        settled = contentindex.settle(db, near, exists)
         if any(settled.values()):
             log.info("content index settled", **settled)
 

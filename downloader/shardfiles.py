@@ -30,7 +30,7 @@ ROW_GROUP_ROWS = 1000
 ROW_GROUP_BYTES = 32 * 1024 * 1024
 
 
-def _key_bytes(key: str) -> bytes:
+def key_bytes(key: str) -> bytes:
     try:
         return bytes.fromhex(key)
     except ValueError:  # not a URL hash: cannot happen with the fixed template
@@ -70,7 +70,7 @@ class ShardIndex:
         return {int(n) for (n,) in self._db.execute("SELECT n FROM shards")}
 
     def has(self, key: str) -> bool:
-        found = self._db.execute("SELECT 1 FROM keys WHERE key = ?", (_key_bytes(key),))
+        found = self._db.execute("SELECT 1 FROM keys WHERE key = ?", (key_bytes(key),))
         return found.fetchone() is not None
 
     def add(self, number: int, keys: list[str]) -> None:
@@ -79,7 +79,7 @@ class ShardIndex:
         try:
             self._db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?)", (number, len(keys)))
             self._db.executemany(
-                "INSERT OR IGNORE INTO keys VALUES (?, ?)", ((_key_bytes(k), number) for k in keys)
+                "INSERT OR IGNORE INTO keys VALUES (?, ?)", ((key_bytes(k), number) for k in keys)
             )
             self._db.execute("COMMIT")
         except BaseException:

@@ -269,3 +269,36 @@ def test_a_killed_attempt_at_the_same_line_is_taken_over_not_a_copy(tmp_path: Pa
     index.confirm("aa" * 32, "x/1.jpg")
     copy = index.claim("aa" * 32, None, "y/2.jpg", "u.txt:8")
     assert copy == Match("x/1.jpg", "u.txt:7", 0, exact=True)
+
+
+def _open_at_once(path: str, barrier: Any, errors: Any) -> None:
+    barrier.wait()
+    try:
+        ContentIndex(Path(path), None, lambda relpath: True).close()
+    except Exception as exc:  # reported to the test, not lost in the child
+        errors.put(repr(exc))
+
+
+def test_processes_opening_a_new_content_table_at_once_all_get_it(tmp_path: Path) -> None:
+    """Found in the suite: two workers creating the table at the same moment got
+    "database is locked" (switching to WAL does not wait) and lost a whole shard."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    errors = context.Queue()
+    for attempt in range(4):
+        path = tmp_path / f"{attempt}" / CONTENT_DB
+        barrier = context.Barrier(4)
+        procs = [
+            context.Process(target=_open_at_once, args=(str(path), barrier, errors))
+            for _ in range(4)
+        ]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+            assert proc.exitcode == 0
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert found == []

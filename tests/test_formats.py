@@ -402,3 +402,32 @@ def test_extra_record_fields_are_carried_generically(tmp_path: Path) -> None:
     assert [r["line"] for r in rows] == [2, 3] and [r["key"] for r in rows] == [
         f"{n:032x}" for n in range(2)
     ]
+
+
+def test_content_dedupe_sees_copies_whose_first_is_packed_already(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """dedupe.content with a dataset format: the first copy of an image leaves the
+    staging folder once its shard is written; a copy that comes later (in the same run
+    or the next) is still a duplicate_content, not a second sample."""
+    out = tmp_path / "out"
+    flags = ["--output-format", "webdataset", "--shard-samples", "4", "--shard-size", "8"]
+    flags += ["--dedupe-content", "exact", "--concurrency", "4"]
+    # the dev server has 24 distinct images: /i/N and /i/N+24 serve the same bytes
+    first = _fetch(write_list(tmp_path / "a.txt", _urls(server, 72)), out, *flags)
+    assert first.returncode == 0, first.stderr
+    records = read_manifest(out)
+    counts = {r["reason"] or r["status"]: 0 for r in records}
+    for r in records:
+        counts[r["reason"] or r["status"]] += 1
+    assert counts == {"saved": 24, "duplicate_content": 48}
+    samples = _read_tars(out)
+    assert len(samples) == 24
+    assert len({hashlib.sha256(_image(s)[1]).digest() for s in samples}) == 24
+    assert not (out / ".imgdl" / "staging" / ".imgdl").exists()  # no table among samples
+
+    later = [f"{server.url}/i/{n}.jpg" for n in range(100, 112)]
+    again = _fetch(write_list(tmp_path / "b.txt", later), out, *flags)
+    assert again.returncode == 0, again.stderr
+    assert {r["reason"] for r in read_manifest(out)} == {"duplicate_content"}
+    assert len(_read_tars(out)) == 24
