@@ -49,7 +49,10 @@ def parse_hash(value: Any, algorithm: str = "auto", column: str = "hash") -> str
             )
         return f"{name}:{bytes(value).hex()}"
     if not isinstance(value, str):
-        raise InvalidHash(f"column '{column}' holds a {type(value).__name__}, not a hex string")
+        kind = {"int": "a number", "float": "a number", "bool": "true/false"}.get(
+            type(value).__name__, f"a {type(value).__name__} value"
+        )
+        raise InvalidHash(f"column '{column}' holds {kind}, not a hex string")
     text = value.strip().lower()
     if not text:
         return None

@@ -134,17 +134,35 @@ def open_binary(path: str, opened: IO[bytes] | None = None) -> IO[bytes]:
             ) from None
     try:
         head = b""
-        while len(head) < 2:  # a pipe may hand over one byte at a time
-            more = raw.read(2 - len(head))
+        while len(head) < 4:  # a pipe may hand over one byte at a time
+            more = raw.read(4 - len(head))
             if not more:
                 break
             head += more
     except OSError as exc:
         raise InputError(f"cannot read input {path}: {exc.strerror or exc}") from None
-    stream = io.BufferedReader(_Prefixed(head, raw))
-    if head == _GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
+    stream: IO[bytes] = io.BufferedReader(_Prefixed(head, raw))
+    compressed = head[:2] == _GZIP_MAGIC
+    if compressed:
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[assignment]
+        try:
+            head = stream.peek(4)[:4]  # type: ignore[attr-defined]
+        except (OSError, EOFError, zlib.error):
+            head = b""  # a broken stream: the first read reports it, with its line
+    _refuse_parquet(head, path, compressed)
     return stream
+
+
+def _refuse_parquet(head: bytes, path: str, compressed: bool) -> None:
+    """A parquet file that is piped in or gzipped would be read as lines of text, each an
+    invalid URL: say what it is instead."""
+    if head == b"PAR1":
+        fix = "gunzip it" if compressed else "save it to a file"
+        raise InputError(
+            f"{path}: this is a parquet file{' (gzip-compressed)' if compressed else ''}; "
+            f"parquet lists are read from their end, so they must be local, uncompressed "
+            f"files: {fix} first"
+        )
 
 
 def _skip_rest_of_line(stream: IO[bytes]) -> None:

@@ -309,7 +309,7 @@ def test_malformed_hash_values_are_invalid_lines(server: DevServer, tmp_path: Pa
     assert "unknown hash algorithm 'sha1'" in records[1]["error"]
     assert "neither 64 hex digits (sha256) nor 32 (md5)" in records[3]["error"]
     assert "not a sha256 hash" in records[4]["error"]
-    assert "holds a int" in records[6]["error"]
+    assert "holds a number, not a hex string" in records[6]["error"]
     assert server.requests == []
 
 
@@ -384,3 +384,25 @@ def test_killed_parquet_run_with_columns_and_hashes_finishes(
     assert summary["this_run"]["resumed_lines"] > 0
     # lines saved before the kill were not fetched again
     assert len(server.requests) - first <= n - summary["this_run"]["resumed_lines"]
+
+
+def test_a_piped_or_gzipped_parquet_list_is_named_not_read_as_text(tmp_path: Path) -> None:
+    """Found by a new user: parquet through stdin or in a .gz went through the text
+    reader, and every "line" became an invalid_url."""
+    import gzip
+
+    listing = tmp_path / "l.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/i/1.jpg"]}), listing)
+    packed = tmp_path / "l.parquet.gz"
+    packed.write_bytes(gzip.compress(listing.read_bytes()))
+    out = tmp_path / "out"
+    for args, stdin, fix in [
+        ((str(packed),), None, "gunzip it first"),
+        (("-",), listing.read_bytes(), "save it to a file first"),
+        (("-",), packed.read_bytes(), "gunzip it first"),
+    ]:
+        done = run_cli("fetch", *args, "-o", str(out), stdin=stdin)
+        assert done.returncode == 2, done.stderr
+        assert "this is a parquet file" in done.stderr and fix in done.stderr
+        assert "Traceback" not in done.stderr
+    assert not (out / "manifest.jsonl").exists()
