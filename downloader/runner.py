@@ -317,6 +317,13 @@ class Runner:
         require_pillow(self.settings.validate_)
         require_pillow_for_images(self.settings)
         packer.check(self.settings, s3_output=self.target is not None)
+        image = self.settings.image
+        if image.resize_mode == "no" and image.size != type(image).model_fields["size"].default:
+            log.warning(
+                "image.size has no effect while image.resize_mode is no: images keep their "
+                "pixels (set --resize-mode keep_ratio, center_crop or border)",
+                size=image.size,
+            )
         if not self.settings.tls.verify:
             log.warning(
                 "TLS verification is OFF (tls.verify: false): any server can impersonate any host"

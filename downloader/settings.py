@@ -677,11 +677,15 @@ class ImageSettings(_Section):
         "no",
         description="img2dataset's modes: no (keep the pixels), keep_ratio (smaller side "
         "to image.size), center_crop (smaller side to image.size, then the middle square), "
-        "border (larger side to image.size, then padded white to a square). Needs Pillow "
-        "(pip install 'imgdl[dataset]').",
+        "border (larger side to image.size, then padded white to a square). Smaller images "
+        "are enlarged too, as img2dataset does. Needs Pillow (pip install 'imgdl[dataset]').",
     )
     size: int = Field(
-        256, ge=1, le=16384, description="Target size in pixels of image.resize_mode."
+        256,
+        ge=1,
+        le=16384,
+        description="Target size in pixels of image.resize_mode (no effect while it is no: "
+        "a run says so).",
     )
     format: Literal["keep", "jpeg", "webp", "png"] = Field(
         "keep",

@@ -226,3 +226,15 @@ def test_bomb_and_corrupt_bodies_are_recorded_with_resize_on(tmp_path: Path) -> 
     reasons = {r["url"].rsplit("/", 1)[1]: r["reason"] for r in read_manifest(out)}
     assert reasons == {"big": "decompression_bomb", "broken": "decode_error"}
     assert image_files(out) == []
+
+
+def test_an_image_size_without_a_resize_mode_is_named_not_ignored(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """Found by a new user: --image-size alone stored full-size images without a word."""
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/i/1.jpg"])
+    done = run_cli("fetch", str(listing), "-o", str(tmp_path / "out"), "--image-size", "48")
+    assert done.returncode == 0, done.stderr
+    assert "image.size has no effect while image.resize_mode is no" in done.stderr
+    (record,) = read_manifest(tmp_path / "out")
+    assert record["status"] == "saved" and record["original_width"] is None
