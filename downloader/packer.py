@@ -52,7 +52,16 @@ from downloader.errors import ImgdlError
 from downloader.outcomes import Outcome
 from downloader.settings import OutputSettings, Settings
 from downloader.shardfiles import KEY_COLUMN, WEBDATASET, OpenShard, ShardIndex, key_bytes
-from downloader.state import STATE_DIR, LineSet
+from downloader.state import (
+    ARCHIVE_DIR,
+    FAILURES,
+    MANIFEST,
+    REPORT_HTML,
+    STATE_DIR,
+    SUMMARY,
+    TASKS_DIR,
+    LineSet,
+)
 from downloader.telemetry import get_logger
 
 FILES = "files"
@@ -92,6 +101,33 @@ def check(settings: Settings, s3_output: bool) -> None:
     if settings.run.revalidate:
         raise ImgdlError(f"{flag} cannot revalidate images already packed into shards")
     require_pyarrow(fmt)
+
+
+#: what a folder of dataset shards holds besides its shards
+_RECORDS = frozenset({STATE_DIR, ARCHIVE_DIR, TASKS_DIR, MANIFEST, FAILURES, SUMMARY, REPORT_HTML})
+
+
+def check_folder(fmt: str, folder: Path) -> None:
+    """One folder, one format: loose images and shards side by side would be two copies
+    of a dataset that neither the shards nor the manifest describe whole."""
+    if not folder.is_dir():
+        return
+    names = sorted(entry.name for entry in os.scandir(folder))
+    shards = [n for n in names if _SHARD.fullmatch(n) or _PART.fullmatch(n)]
+    if fmt == FILES:
+        if shards or (folder / STATE_DIR / INDEX).exists():
+            raise ImgdlError(
+                f"{folder} holds dataset shards ({shards[0] if shards else INDEX}): add to "
+                "them with the same --output-format, or write loose files to another folder"
+            )
+        return
+    other = [n for n in names if n not in _RECORDS and n not in shards]
+    if other:
+        raise ImgdlError(
+            f"{folder} holds other files ({', '.join(other[:3])}"
+            f"{', ...' if len(other) > 3 else ''}; an earlier files-format run?): "
+            f"--output-format {fmt} writes its shards to a folder of their own"
+        )
 
 
 def require_pyarrow(fmt: str) -> None:

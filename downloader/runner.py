@@ -317,6 +317,8 @@ class Runner:
         require_pillow(self.settings.validate_)
         require_pillow_for_images(self.settings)
         packer.check(self.settings, s3_output=self.target is not None)
+        if self.target is None:
+            packer.check_folder(self.settings.output.format, self.records_dir)
         image = self.settings.image
         if image.resize_mode == "no" and image.size != type(image).model_fields["size"].default:
             log.warning(

@@ -369,6 +369,16 @@ def test_a_folder_holds_the_shards_of_one_format(server: DevServer, tmp_path: Pa
     assert other.returncode == 2
     assert "holds webdataset shards" in other.stderr and "Traceback" not in other.stderr
     assert sorted(p.name for p in out.glob("0*")) == ["00000.parquet", "00000.tar"]
+    # found by a new user: loose files beside shards, either way round
+    loose = _fetch(listing, out)
+    assert loose.returncode == 2, loose.stderr
+    assert "holds dataset shards (00000.parquet)" in loose.stderr
+    files_first = tmp_path / "files"
+    assert _fetch(listing, files_first).returncode == 0
+    shards = _fetch(listing, files_first, "--output-format", "webdataset")
+    assert shards.returncode == 2, shards.stderr
+    assert "holds other files" in shards.stderr and "a folder of their own" in shards.stderr
+    assert not list(files_first.glob("0*.tar")) and "Traceback" not in shards.stderr
 
 
 def test_extra_record_fields_are_carried_generically(tmp_path: Path) -> None:
