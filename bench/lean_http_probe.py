@@ -21,6 +21,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools  # type: ignore[import-not-found]
@@ -30,12 +31,11 @@ import uvloop
 class Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport
         self.done: asyncio.Future[None] | None = None
         self.body: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
@@ -116,6 +116,9 @@ def main() -> None:
     for worker in workers:
         worker.join()
     wall = time.monotonic() - started
+    saved = sum(1 for _ in out.iterdir())
+    if any(worker.exitcode != 0 for worker in workers) or saved < len(urls):
+        sys.exit(f"failed: {saved} of {len(urls)} files in {out}")
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = usage.ru_utime + usage.ru_stime
     per_1000 = cpu / len(urls) * 1000
