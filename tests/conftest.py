@@ -110,6 +110,19 @@ def kill_9_when(proc: subprocess.Popen[bytes], condition: Callable[[], bool]) ->
         proc.kill()
 
 
+def quiet_count(count: Callable[[], int], quiet: float = 0.3, timeout: float = 10) -> int:
+    """``count()`` once it has not changed for ``quiet`` seconds: after a kill, a server
+    may still log a request that a dead client sent just before."""
+    deadline = time.monotonic() + timeout
+    last, since = count(), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
     """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -159,4 +172,4 @@ def kill_after_requests(proc: subprocess.Popen[bytes], server: DevServer, count:
     """SIGKILL ``proc`` and all its workers at once when ``server`` has seen ``count``
     requests (or after 30 s); the requests seen by then."""
     kill_9_when(proc, lambda: len(server.requests) >= count)
-    return len(server.requests)
+    return quiet_count(lambda: len(server.requests))
