@@ -211,7 +211,9 @@ class Outcome:
 def _extra(job: Job) -> dict[str, Any] | None:
     if job.extra is None:
         return None
-    values: dict[str, Any] = Outcome.decode(job.extra)
+    # the standard library's parser: orjson reads an integer past 64 bits as a float,
+    # and an id column of 30 digits must come out as it went in
+    values: dict[str, Any] = json.loads(job.extra)
     return values
 
 

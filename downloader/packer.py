@@ -39,6 +39,7 @@ URL (duplicate lines are not fetched twice) and the same in every run.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sqlite3
@@ -304,7 +305,7 @@ class Packer:
         decoded, so every field the record has (extra input columns too) is carried."""
         for outcome, text in found:
             if outcome.path is not None and _is_sample(outcome.status, outcome.reason):
-                self.offer(Outcome.decode(text), text)
+                self.offer(json.loads(text), text)  # not orjson: big integers stay exact
 
     def offer(self, record: dict[str, Any], text: str) -> None:
         """Pack the image of one record if it is this line's sample and not packed yet."""

@@ -10,6 +10,7 @@ pyarrow is imported where it is used.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sqlite3
@@ -131,7 +132,10 @@ def _coerce(value: Any, kind: str) -> Any:
         return None
     if kind in ("string", "json"):
         if not isinstance(value, str):
-            return orjson.dumps(value, default=str).decode("utf-8")
+            try:
+                return orjson.dumps(value, default=str).decode("utf-8")
+            except TypeError:  # a lone surrogate or an integer past 64 bits: orjson refuses
+                return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)
         # a lone surrogate (kept from undecodable bytes) is not UTF-8
         return value if value.isascii() else value.encode("utf-8", "replace").decode("utf-8")
     if kind == "bool":

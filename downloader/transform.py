@@ -155,6 +155,14 @@ def _process(img: PILImage.Image, image: ImageType, transform: Transform) -> Pro
     orientation = img.getexif().get(_ORIENTATION_TAG)
     original = (raw_h, raw_w) if orientation in _SWAPPING else (raw_w, raw_h)
     target = _target(raw_w, raw_h, transform)
+    if target is not None and target[0] * target[1] > transform.max_pixels:
+        # a thin image (1x6000 pixels in 107 bytes) enlarged to image.size would be a
+        # bomb of our own making: 256x1,536,000 pixels
+        raise InvalidImage(
+            Reason.DECOMPRESSION_BOMB,
+            f"{raw_w}x{raw_h} pixels resized to {target[0]}x{target[1]} is more than "
+            f"validate.max_pixels {transform.max_pixels}",
+        )
     wanted = target
     if wanted is None and not transform.reencodes:  # the pHash alone: 32x32 is enough
         wanted = (2 * _PHASH_SIDE, 2 * _PHASH_SIDE)

@@ -442,3 +442,33 @@ def test_content_dedupe_sees_copies_whose_first_is_packed_already(
     assert again.returncode == 0, again.stderr
     assert {r["reason"] for r in read_manifest(out)} == {"duplicate_content"}
     assert len(_read_tars(out)) == 24
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_odd_extra_values_are_packed_exactly(server: DevServer, tmp_path: Path, fmt: str) -> None:
+    """Found in review: a lone surrogate or a 30-digit id in an extra column stopped the
+    packer with a traceback, in every later run too; the id lost its digits on the way."""
+    big = 123456789012345678901234567890
+    nines = "9" * 401
+    lines = [
+        f'{{"url": "{server.url}/i/1.jpg", "caption": "bad \\udc80 cap", "id": {big}}}',
+        f'{{"url": "{server.url}/i/2.jpg", "caption": "fine", "id": 7}}',
+        f'{{"url": "{server.url}/i/3.jpg", "caption": "x", "id": {nines}}}',
+    ]
+    listing = tmp_path / "l.jsonl"
+    listing.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    flags = ["--output-format", fmt, "--shard-samples", "2"]
+    flags += ["--extra-column", "caption", "--extra-column", "id"]
+    done = _fetch(listing, out, *flags)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    by_line = {r["line"]: r for r in read_manifest(out)}
+    assert by_line[1]["extra"]["id"] == big and by_line[3]["extra"]["id"] == int("9" * 401)
+    cells = [
+        json.loads(c)
+        for p in sorted(out.glob("*.parquet"))
+        for c in pq.read_table(p).column("extra").to_pylist()
+    ]
+    assert sorted(c["id"] for c in cells) == sorted([big, 7, int("9" * 401)])
+    assert read_summary(out)["shards"]["samples"] == 3

@@ -128,6 +128,17 @@ def test_too_many_pixels_is_a_decompression_bomb_before_decoding() -> None:
     assert caught.value.reason is Reason.DECOMPRESSION_BOMB
 
 
+def test_a_thin_image_enlarged_past_max_pixels_is_a_bomb_not_an_allocation() -> None:
+    """Found in review: a 1x6000 PNG of about 100 bytes, keep_ratio 256, became a
+    256x1,536,000 image (1.7 GB of memory); the target size is checked first now."""
+    body = encoded(Image.new("L", (1, 6000)))
+    assert len(body) < 1000
+    with pytest.raises(InvalidImage) as caught:
+        process(body, PNG, Transform(mode="keep_ratio", size=256, max_pixels=89_478_485))
+    assert caught.value.reason is Reason.DECOMPRESSION_BOMB
+    assert "256x1536000" in str(caught.value)
+
+
 def test_corrupt_image_is_a_decode_error() -> None:
     body = encoded(picture(), "JPEG")[:400] + b"\x00" * 50
     with pytest.raises(InvalidImage) as caught:
