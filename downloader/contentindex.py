@@ -168,7 +168,7 @@ class ContentIndex:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                found = self._find(key, phash, owner)
+                found = self._find(key, phash, owner, path)
                 if found is None:
                     self._insert(key, phash, path, owner)
             except BaseException:
@@ -177,13 +177,17 @@ class ContentIndex:
             self._db.execute("COMMIT")
         return found
 
-    def _find(self, key: bytes, phash: int | None, claimer: str) -> Match | Busy | None:
+    def _find(
+        self, key: bytes, phash: int | None, claimer: str, claim_path: str
+    ) -> Match | Busy | None:
         row = self._db.execute(
             "SELECT path, owner, pid, claimed, done FROM content WHERE sha256 = ?", (key,)
         ).fetchone()
         if row is not None:
             path, owner, pid, claimed, done = row
-            if owner == claimer:  # an attempt at this very line, killed: it is ours
+            if owner == claimer and path == claim_path:
+                # an attempt at this very line and URL, killed: it is ours (the same
+                # line of an edited list with another URL is not)
                 return None
             found = self._check(key, path, owner, pid, claimed, done, distance=0, exact=True)
             if found is not None:

@@ -302,3 +302,18 @@ def test_processes_opening_a_new_content_table_at_once_all_get_it(tmp_path: Path
     while not errors.empty():
         found.append(errors.get())
     assert found == []
+
+
+def test_a_line_number_reused_by_an_edited_list_is_not_the_first_copy(tmp_path: Path) -> None:
+    """Found in review: line 1 of a list, edited to hold another URL with the same bytes,
+    was taken for a killed attempt at itself and stored a second copy."""
+    with DevServer(images=served_folder(tmp_path)) as server:
+        listing = write_list(tmp_path / "same.txt", [f"{server.url}/i/0.png"])
+        out = tmp_path / "out"
+        assert fetch(listing, out).returncode == 0
+        write_list(listing, [f"{server.url}/i/{DISTINCT}.png"])  # the same image, line 1
+        again = fetch(listing, out)
+    assert again.returncode == 0, again.stderr
+    (record,) = read_manifest(out)
+    assert record["reason"] == "duplicate_content", record
+    assert len(image_files(out)) == 1
