@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS band (
     PRIMARY KEY (k, v, sha256)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS content_path ON content (path);
 """
 
 
@@ -253,6 +254,17 @@ class ContentIndex:
                 "UPDATE content SET done = 1, pid = NULL, path = ? WHERE sha256 = ?",
                 (path, bytes.fromhex(sha256)),
             )
+
+    def forget_path(self, path: str) -> None:
+        """Drop the rows of the image stored at ``path`` (replaced by other bytes)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            keys = [
+                k for (k,) in self._db.execute("SELECT sha256 FROM content WHERE path = ?", (path,))
+            ]
+            for key in keys:
+                self._delete(key)
+            self._db.execute("COMMIT")
 
     def release(self, sha256: str) -> None:
         """The claimed image was not stored after all: the next copy is the first."""

@@ -469,6 +469,8 @@ class Fetcher:
                 raise
             if claimed and self.stage is not None:
                 await asyncio.shield(self.stage.confirm(digest.hexdigest(), relpath))
+            elif job.revalidating and self.stage is not None:
+                await asyncio.shield(self.stage.replaced(relpath))
             if job.previous_path and job.previous_path != relpath:  # the type changed
                 await self.store.remove(job.previous_path)
         except (BodyError, InvalidImage) as exc:

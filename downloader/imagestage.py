@@ -138,6 +138,12 @@ class ImageStage:
         if self.index is not None:
             await self._run(self.index.release, sha256)
 
+    async def replaced(self, path: str) -> None:
+        """The file at ``path`` now holds other bytes (--revalidate): no copy may point at
+        it for the bytes it held before."""
+        if self.index is not None:
+            await self._run(self.index.forget_path, path)
+
 
 _stage: ImageStage | None = None
 

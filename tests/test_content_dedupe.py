@@ -317,3 +317,22 @@ def test_a_line_number_reused_by_an_edited_list_is_not_the_first_copy(tmp_path: 
     (record,) = read_manifest(out)
     assert record["reason"] == "duplicate_content", record
     assert len(image_files(out)) == 1
+
+
+def test_a_revalidated_file_with_new_bytes_is_no_first_copy_of_the_old(tmp_path: Path) -> None:
+    """Found in review: after --revalidate replaced a stored file with other bytes, a copy
+    of the old bytes was recorded as a duplicate of that file, and stored nowhere."""
+    with DevServer(images=served_folder(tmp_path)) as server:
+        first = write_list(tmp_path / "a.txt", [f"{server.url}/etag/0"])
+        out = tmp_path / "out"
+        assert fetch(first, out).returncode == 0
+        (stored,) = read_manifest(out)
+        server.etag_version = 1  # /etag/0 now serves image 1
+        assert fetch(first, out, "--revalidate").returncode == 0
+        assert hashlib.sha256((out / stored["path"]).read_bytes()).hexdigest() != stored["sha256"]
+        copy = write_list(tmp_path / "b.txt", [f"{server.url}/i/0.png"])  # image 0's bytes
+        again = fetch(copy, out)
+    assert again.returncode == 0, again.stderr
+    (record,) = read_manifest(out)
+    assert record["status"] == "saved", record
+    assert hashlib.sha256((out / record["path"]).read_bytes()).hexdigest() == stored["sha256"]
