@@ -298,7 +298,17 @@ class Packer:
                 continue
             seen.add(line)
             if record.get("path") in staged:
+                staged.discard(record["path"])
                 self.offer(record, text)
+        # No record of this run's lists names these (a run over another list moved its
+        # records aside; a kill came between the image and its record): they would wait
+        # forever and, with content dedupe, stand for copies that are in no shard. A URL
+        # that comes again is fetched again.
+        for relpath in staged:
+            with contextlib.suppress(FileNotFoundError):
+                (self.staging / relpath).unlink()
+        if staged:
+            log.info("staged images without a record removed", images=len(staged))
 
     def offer_outcomes(self, found: Iterable[tuple[Outcome, str]]) -> None:
         """A shard of work's journaled records, as the manifest gets them: the text is

@@ -472,3 +472,30 @@ def test_odd_extra_values_are_packed_exactly(server: DevServer, tmp_path: Path, 
     ]
     assert sorted(c["id"] for c in cells) == sorted([big, 7, int("9" * 401)])
     assert read_summary(out)["shards"]["samples"] == 3
+
+
+def test_staged_images_of_a_list_moved_aside_are_not_copies_in_no_shard(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """Found in review: a stopped run's staged image, whose record a run over another
+    list moved to previous-runs/, was never packed, yet with content dedupe a copy of it
+    in the new list was recorded as its duplicate: an image in no shard."""
+    out = tmp_path / "out"
+    flags = ["--output-format", "webdataset", "--dedupe-content", "exact"]
+    first = write_list(tmp_path / "a.txt", [f"{server.url}/i/0.jpg", f"{server.url}/hang/1"])
+    proc = start_cli(
+        "fetch", str(first), "-o", str(out), *flags, env=clean_env(IMGDL_RUN_GRACE_PERIOD="1")
+    )
+    try:
+        staging = out / ".imgdl" / "staging"
+        wait_for(lambda: any(p.is_file() for p in staging.rglob("*.*")))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 143
+    finally:
+        proc.kill()
+    copy = write_list(tmp_path / "b.txt", [f"{server.url}/i/24.jpg"])  # i/0's bytes
+    again = _fetch(copy, out, *flags)
+    assert again.returncode == 0, again.stderr
+    (record,) = read_manifest(out)
+    assert record["status"] == "saved", record
+    assert len(_read_tars(out)) == 1
