@@ -27,6 +27,24 @@ HASH_LENGTHS = {"sha256": 64, "md5": 32}
 _BY_LENGTH = {n: name for name, n in HASH_LENGTHS.items()}
 _HEX = re.compile(r"[0-9a-f]+")
 _SHOWN = 80
+#: Longest JSON text of one line's extra columns (UTF-8 bytes). The text travels with
+#: the line's Job through the queues and shard files into each of its records, so a
+#: line over it is invalid instead (a caption or alt text is far below: hundreds of
+#: bytes). Lower than the 1 MiB cap of a text line: one parquet row has no such cap.
+MAX_EXTRA_BYTES = 64 << 10
+
+
+class ExtraTooLarge(ValueError):
+    """A line whose extra columns are over MAX_EXTRA_BYTES; says which column."""
+
+
+def too_large(column: str, size: int, total: int) -> str:
+    """The error of a line whose extra columns are ``total`` bytes, ``size`` of them in
+    ``column`` (the largest)."""
+    return (
+        f"column '{column}' holds {size} bytes: a line's extra columns may hold at most "
+        f"{MAX_EXTRA_BYTES} bytes (input.extra_columns; this line's: {total})"
+    )
 
 
 class InvalidHash(ValueError):
@@ -90,8 +108,8 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot carry a {type(value).__name__} value")
 
 
-def encode_extra(values: dict[str, Any]) -> str:
-    """The JSON text of a line's extra columns."""
+def encode_extra(values: Any) -> str:
+    """The JSON text of a line's extra columns (or of one value)."""
     try:
         return orjson.dumps(values, default=_jsonable).decode("utf-8")
     except TypeError:  # a lone surrogate from a JSON escape: orjson refuses it
@@ -115,7 +133,8 @@ class Columns:
 
     def extra_of(self, record: Mapping[str, Any] | None, empty_is_null: bool = False) -> str | None:
         """The line's extra columns as JSON text; a value it lacks is null (and an
-        empty CSV cell, ``empty_is_null``). None when no extra columns are configured."""
+        empty CSV cell, ``empty_is_null``). None when no extra columns are configured.
+        Raises ExtraTooLarge when the text is over MAX_EXTRA_BYTES."""
         if not self.extra:
             return None
         if record is None:
@@ -123,7 +142,12 @@ class Columns:
         values = {c: record.get(c) for c in self.extra}
         if empty_is_null:
             values = {c: v if v != "" else None for c, v in values.items()}
-        return encode_extra(values)
+        text = encode_extra(values)
+        if len(text) > MAX_EXTRA_BYTES // 4 and len(text.encode()) > MAX_EXTRA_BYTES:
+            sizes = {c: len(encode_extra(v).encode()) for c, v in values.items()}
+            column = max(sizes, key=lambda c: sizes[c])
+            raise ExtraTooLarge(too_large(column, sizes[column], len(text.encode())))
+        return text
 
     def hash_of(self, record: Mapping[str, Any] | None) -> str | None:
         """The line's expected hash, checked; raises InvalidHash."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from downloader.columns import Columns, InvalidHash
+from downloader.columns import Columns, ExtraTooLarge, InvalidHash
 from downloader.errors import InputError
 from downloader.objstore import is_s3
 from downloader.objstore import open_input as open_object
@@ -320,8 +320,13 @@ class InputList:
 
     def _rows(self, rows: ParquetRows) -> Iterator[Job | Outcome]:
         try:
-            for number, record in rows:
-                yield self._from_record(number, record)
+            for number, record, problem in rows:
+                if problem is None:
+                    yield self._from_record(number, record)
+                    continue
+                url = record.get(self.settings.url_column)
+                url = url.strip() if isinstance(url, str) else ""
+                yield self._invalid(number, url, problem, record)
         except InputError as exc:
             self.error = str(exc)
         finally:
@@ -336,8 +341,13 @@ class InputList:
     def _invalid(
         self, number: int, url: str, error: str, record: dict[str, Any] | None = None
     ) -> Outcome:
-        """A bad line's outcome, with the extra columns it has (null if it has none)."""
-        extra = self.columns.extra_of(record, empty_is_null=self.format in ("csv", "tsv"))
+        """A bad line's outcome, with the extra columns it has (null if it has none, or
+        if they are too large: then the error says so too)."""
+        try:
+            extra = self.columns.extra_of(record, empty_is_null=self.format in ("csv", "tsv"))
+        except ExtraTooLarge as exc:
+            extra = self.columns.extra_of(None)
+            error = f"{error}; {exc}"
         job = Job(url=url, input=self.label, line=number, extra=extra)
         return Outcome.not_saved(job, Reason.INVALID_URL, error=error)
 
@@ -393,16 +403,19 @@ class InputList:
         try:
             clean = check_url(url)
             expected = self.columns.hash_of(record)
+            extra = self.columns.extra_of(record, empty_is_null=self.format in ("csv", "tsv"))
         except InvalidUrl as exc:
             return self._invalid(number, url.strip(), str(exc), record)
         except InvalidHash as exc:
             return self._invalid(number, clean, str(exc), record)
+        except ExtraTooLarge as exc:
+            return self._invalid(number, clean, str(exc))
         return Job(
             url=clean,
             input=self.label,
             line=number,
             name=name or None,
-            extra=self.columns.extra_of(record, empty_is_null=self.format in ("csv", "tsv")),
+            extra=extra,
             expected_hash=expected,
         )
 

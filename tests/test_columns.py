@@ -8,6 +8,8 @@ import datetime
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +192,8 @@ def test_parquet_is_read_a_row_group_at_a_time(tmp_path: Path) -> None:
     base = pa.total_allocated_bytes()
     peak = 0
     count = 0
-    for count, row in reader:  # noqa: B007
+    for count, row, problem in reader:  # noqa: B007
+        assert problem is None
         assert set(row) == {"url", "caption"}
         peak = max(peak, pa.total_allocated_bytes() - base)
     reader.close()
@@ -406,3 +409,126 @@ def test_a_piped_or_gzipped_parquet_list_is_named_not_read_as_text(tmp_path: Pat
         assert "this is a parquet file" in done.stderr and fix in done.stderr
         assert "Traceback" not in done.stderr
     assert not (out / "manifest.jsonl").exists()
+
+
+# -- values too large or unconvertible (found by review: one row could sink the run) ----
+
+_RSS_CHILD = (
+    "import resource, subprocess, sys\n"
+    "done = subprocess.run([sys.executable, '-m', 'downloader', *sys.argv[1:]])\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.exit(done.returncode)\n"
+)
+
+
+def test_huge_extra_values_are_invalid_lines_in_bounded_memory(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """A 20 MB caption in 20 rows (a few KB of zstd, the size of the report's file) and
+    three distinct 3 MB ones: those lines are invalid_url naming the column and its
+    size; the rest are saved; the run's largest process stays small (before the fix:
+    every huge value as Arrow, Python and JSON text, and a manifest of 400 MB)."""
+    huge = "x" * (20 << 20)
+    captions = (
+        [f"caption {n}" for n in range(10)] + [huge] + [str(n) * (3 << 20) for n in (7, 8, 9)]
+    )
+    index = [n if n < 10 else 10 for n in range(30)]  # rows 10..29: the 20 MB value
+    index[3], index[5], index[8] = 11, 12, 13  # three more rows: a 3 MB value each
+    big = {n for n in range(30) if index[n] >= 10}
+    table = pa.table(
+        {
+            "url": [f"{server.url}/i/{n}.jpg" for n in range(30)],
+            "caption": pa.DictionaryArray.from_arrays(pa.array(index, pa.int32()), captions),
+            "id": list(range(30)),
+        }
+    )
+    listing = tmp_path / "huge.parquet"
+    pq.write_table(table, listing, compression="zstd", row_group_size=15)
+    assert listing.stat().st_size < 200_000
+    del table, captions, huge
+    out = tmp_path / "out"
+    args = ["fetch", str(listing), "-o", str(out), "--processes", "1", *_EXTRA_FLAGS[:4]]
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, *args],
+        capture_output=True, text=True, env=clean_env(), timeout=90, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "broke off" not in done.stderr and "Traceback" not in done.stderr
+    peak_mb = int(done.stdout.split()[-1]) // 1024
+    assert peak_mb < 400, peak_mb  # measured: 294, as for a 3-row list (295); before: 2361
+    assert (out / "manifest.jsonl").stat().st_size < 100_000
+    records = {r["line"]: r for r in read_manifest(out)}
+    assert sorted(records) == list(range(1, 31))
+    for n in range(30):
+        record = records[n + 1]
+        if n in big:
+            size = (20 << 20) if n >= 10 else 3 << 20
+            assert (record["status"], record["reason"]) == ("failed", "invalid_url"), n
+            assert record["url"] == f"{server.url}/i/{n}.jpg"
+            assert record["error"].startswith(f"column 'caption' holds {size} bytes: "), n
+            assert "at most 65536 bytes" in record["error"]
+            assert record["extra"] == {"caption": None, "id": None}
+        else:
+            assert record["status"] == "saved", n
+            assert record["extra"] == {"caption": f"caption {n}", "id": n}
+    assert len(image_files(out)) == 30 - len(big)
+
+
+def test_a_json_line_with_a_huge_extra_value_is_invalid(server: DevServer, tmp_path: Path) -> None:
+    """Under the 1 MiB line cap, over the 64 KiB extra cap: the same outcome as parquet's."""
+    listing = tmp_path / "big.jsonl"
+    rows = [
+        {"url": f"{server.url}/i/1.jpg", "caption": "fine", "tags": ["a"]},
+        {"url": f"{server.url}/i/2.jpg", "caption": "ok", "tags": ["t"] * 40_000},
+        {"url": "ftp://x/3.jpg", "caption": "é" * 40_000, "tags": []},
+    ]
+    _write_list(listing, rows)
+    out = tmp_path / "out"
+    result = run_cli(
+        "fetch", str(listing), "-o", str(out), "--extra-column", "caption", "--extra-column", "tags"
+    )
+    assert result.returncode == 1, result.stderr
+    records = {r["line"]: r for r in read_manifest(out)}
+    assert records[1]["status"] == "saved"
+    assert records[2]["reason"] == "invalid_url"
+    assert records[2]["error"].startswith("column 'tags' holds 160001 bytes: ")
+    assert records[2]["extra"] == {"caption": None, "tags": None}
+    # a bad URL and too much text: both said
+    assert records[3]["error"].startswith("scheme must be http or https")
+    assert "column 'caption' holds 80002 bytes" in records[3]["error"]
+
+
+def test_a_value_python_cannot_hold_spoils_only_its_own_row(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """A date past year 9999 and a timestamp with nanoseconds used to stop the whole
+    input at its first batch ("input broke off after 0 lines"), on every re-run."""
+    day = datetime.date(2024, 5, 1)
+    days = (day - datetime.date(1970, 1, 1)).days
+    table = pa.table(
+        {
+            "url": [f"{server.url}/i/{n}.jpg" for n in range(4)],
+            "day": pa.array([days, 3_000_000, days, days], pa.date32()),
+            "at": pa.array([0, 1_000, 1_000_000_007, 2_000], pa.timestamp("ns")),
+        }
+    )
+    listing = tmp_path / "dates.parquet"
+    pq.write_table(table, listing)
+    out = tmp_path / "out"
+    args = ["fetch", str(listing), "-o", str(out), "--extra-column", "day", "--extra-column", "at"]
+    for _ in range(2):  # the same on a re-run
+        result = run_cli(*args)
+        assert result.returncode == 1, result.stderr
+        assert "broke off" not in result.stderr and "Traceback" not in result.stderr
+    records = {r["line"]: r for r in read_manifest(out)}
+    assert sorted(records) == [1, 2, 3, 4]
+    assert records[1]["extra"] == {"day": "2024-05-01", "at": "1970-01-01T00:00:00"}
+    assert records[4]["extra"] == {"day": "2024-05-01", "at": "1970-01-01T00:00:00.000002"}
+    assert records[1]["status"] == records[4]["status"] == "saved"
+    assert (records[2]["reason"], records[3]["reason"]) == ("invalid_url", "invalid_url")
+    assert records[2]["error"] == (
+        "column 'day' holds a date32[day] value Python cannot hold: date value out of range"
+    )
+    assert records[2]["extra"] == {"day": None, "at": "1970-01-01T00:00:00.000001"}
+    assert records[3]["error"].startswith("column 'at' holds a timestamp[ns] value Python")
+    assert records[3]["extra"] == {"day": "2024-05-01", "at": None}
