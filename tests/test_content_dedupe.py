@@ -222,7 +222,8 @@ def test_near_copies_are_caught_within_the_distance_and_distinct_images_are_not(
     records = read_manifest(out)
     saved = [r for r in records if r["status"] == "saved"]
     assert len(saved) == 4  # one of the a- copies, b, c, d
-    assert {r["url"].rsplit("/", 1)[1] for r in saved} >= {"b", "c", "d"}
+    # b or its copy b?copy=1, whichever came back first (found flaky: the copy won once)
+    assert {r["url"].rsplit("/", 1)[1].split("?")[0] for r in saved} >= {"b", "c", "d"}
     assert Counter(r["reason"] for r in records)["duplicate_content"] == len(names) - 4
     near = [r for r in records if r["error"] and "pHash distance" in r["error"]]
     # the a- copies with other bytes than the stored one (and a copy of those bytes)
