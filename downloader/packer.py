@@ -42,17 +42,17 @@ import contextlib
 import json
 import os
 import re
-import sqlite3
 import tarfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from downloader.contentindex import CONTENT_DB
 from downloader.errors import ImgdlError
 from downloader.outcomes import Outcome
 from downloader.settings import OutputSettings, Settings
-from downloader.shardfiles import KEY_COLUMN, WEBDATASET, OpenShard, ShardIndex, key_bytes
+from downloader.shardfiles import KEY_COLUMN, WEBDATASET, OpenShard, ShardIndex
 from downloader.state import (
     ARCHIVE_DIR,
     FAILURES,
@@ -149,7 +149,7 @@ def sample_key(relpath: str) -> str:
 def content_db_beside(staging: Path) -> Path:
     """The content table (dedupe.content) of a dataset format: in RECORDS/.imgdl beside
     the staging folder, not inside it, where it would be taken for a sample."""
-    return staging.parent / "content.sqlite"
+    return staging.parent / os.path.basename(CONTENT_DB)
 
 
 def sample_exists(staging: Path) -> Callable[[str], bool]:
@@ -159,23 +159,18 @@ def sample_exists(staging: Path) -> Callable[[str], bool]:
     a copy that came after its first was packed would be stored again."""
     index_path = staging.parent / INDEX
     lock = threading.Lock()
-    db: sqlite3.Connection | None = None
+    index: ShardIndex | None = None
 
     def exists(relpath: str) -> bool:
-        nonlocal db
+        nonlocal index
         if _nonempty_file(staging / relpath):
             return True
         with lock:
-            if db is None:
+            if index is None:
                 if not index_path.exists():
                     return False
-                db = sqlite3.connect(
-                    f"{index_path.as_uri()}?mode=ro", uri=True, timeout=60, check_same_thread=False
-                )
-            found = db.execute(
-                "SELECT 1 FROM keys WHERE key = ?", (key_bytes(sample_key(relpath)),)
-            )
-            return found.fetchone() is not None
+                index = ShardIndex(index_path, read_only=True)
+            return index.has(sample_key(relpath))
 
     return exists
 

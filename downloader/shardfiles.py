@@ -31,7 +31,7 @@ ROW_GROUP_ROWS = 1000
 ROW_GROUP_BYTES = 32 * 1024 * 1024
 
 
-def key_bytes(key: str) -> bytes:
+def _key_bytes(key: str) -> bytes:
     try:
         return bytes.fromhex(key)
     except ValueError:  # not a URL hash: cannot happen with the fixed template
@@ -51,7 +51,13 @@ class ShardIndex:
     a key), so that a resumed run knows which samples are packed without reading the
     shards, and never packs one twice."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        """``read_only``: a worker's view (the parent writes it), usable from any thread."""
+        if read_only:
+            self._db = sqlite3.connect(
+                f"{path.as_uri()}?mode=ro", uri=True, timeout=60, check_same_thread=False
+            )
+            return
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);"
@@ -71,7 +77,7 @@ class ShardIndex:
         return {int(n) for (n,) in self._db.execute("SELECT n FROM shards")}
 
     def has(self, key: str) -> bool:
-        found = self._db.execute("SELECT 1 FROM keys WHERE key = ?", (key_bytes(key),))
+        found = self._db.execute("SELECT 1 FROM keys WHERE key = ?", (_key_bytes(key),))
         return found.fetchone() is not None
 
     def add(self, number: int, keys: list[str]) -> None:
@@ -80,7 +86,7 @@ class ShardIndex:
         try:
             self._db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?)", (number, len(keys)))
             self._db.executemany(
-                "INSERT OR IGNORE INTO keys VALUES (?, ?)", ((key_bytes(k), number) for k in keys)
+                "INSERT OR IGNORE INTO keys VALUES (?, ?)", ((_key_bytes(k), number) for k in keys)
             )
             self._db.execute("COMMIT")
         except BaseException:

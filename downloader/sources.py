@@ -32,6 +32,7 @@ from downloader.errors import InputError
 from downloader.objstore import is_s3
 from downloader.objstore import open_input as open_object
 from downloader.outcomes import Job, Outcome, Reason
+from downloader.parquetinput import MAGIC as PARQUET_MAGIC
 from downloader.parquetinput import ParquetRows, looks_like_parquet
 from downloader.settings import InputSettings, S3Settings
 from downloader.sharding import TICK, Tick
@@ -156,7 +157,7 @@ def open_binary(path: str, opened: IO[bytes] | None = None) -> IO[bytes]:
 def _refuse_parquet(head: bytes, path: str, compressed: bool) -> None:
     """A parquet file that is piped in or gzipped would be read as lines of text, each an
     invalid URL: say what it is instead."""
-    if head == b"PAR1":
+    if head == PARQUET_MAGIC:
         fix = "gunzip it" if compressed else "save it to a file"
         raise InputError(
             f"{path}: this is a parquet file{' (gzip-compressed)' if compressed else ''}; "

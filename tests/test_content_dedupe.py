@@ -6,12 +6,9 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,11 +17,11 @@ from PIL import Image
 
 from downloader.contentindex import BUSY, CONTENT_DB, ContentIndex, Match, bands
 from downloader.devserver import DevServer
-from downloader.proctree import descendants
 from downloader.transform import distance, perceptual_hash
 from tests.conftest import (
     clean_env,
     image_files,
+    kill_after_requests,
     read_manifest,
     run_cli,
     start_cli,
@@ -112,17 +109,8 @@ def test_killed_run_then_the_same_command_keeps_the_counts(tmp_path: Path) -> No
         out = tmp_path / "out"
         command = ["fetch", str(listing), "-o", str(out), "--dedupe-content", "exact"]
         command += ["--processes", "2", "--shard-size", "10", "--concurrency", "4"]
-        proc = start_cli(*command)
-        try:
-            deadline = time.monotonic() + 30
-            while len(server.requests) < 40 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            for pid in descendants(proc.pid):  # the parent and every worker, at once
-                os.kill(pid, signal.SIGKILL)
-            proc.wait(10)
-        finally:
-            proc.kill()
-        assert 40 <= len(server.requests) < 120
+        seen = kill_after_requests(start_cli(*command), server, 40)
+        assert 40 <= seen < 120
         again = run_cli(*command, env=clean_env())
     assert again.returncode == 0, again.stderr
     records = read_manifest(out)
