@@ -12,8 +12,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator
 
-import aiohttp
-
+from downloader.httpclient import ResponseLike
 from downloader.outcomes import Reason
 
 CHUNK_BYTES = 64 * 1024
@@ -29,7 +28,7 @@ class BodyError(Exception):
 class Body:
     """The decoded chunks of one response; ``raw_bytes`` counts what came off the wire."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, window: float, min_speed: float) -> None:
+    def __init__(self, resp: ResponseLike, window: float, min_speed: float) -> None:
         self.resp = resp
         self.window = window
         self.min_window_bytes = min_speed * window

@@ -23,6 +23,7 @@ from downloader.body import CHUNK_BYTES, Body, BodyError
 from downloader.columns import BodyHash
 from downloader.errors import UnsafeNameError
 from downloader.hostrules import HostRules
+from downloader.httpclient import HttpClient, HttpClientError, ResponseLike
 from downloader.imagesize import image_size
 from downloader.imagestage import ImageStage, Stored
 from downloader.limits import Limiter
@@ -104,6 +105,8 @@ def classify(exc: BaseException) -> tuple[Reason, str]:
         return Reason.BLOCKED_ADDRESS, message
     if isinstance(exc, UploadError):
         return Reason.UPLOAD_ERROR, message
+    if isinstance(exc, HttpClientError):
+        return exc.reason, message
     if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
         if isinstance(exc, aiohttp.ClientConnectorCertificateError):
             message += " (a private CA? trust it with tls.ca_bundle or SSL_CERT_FILE)"
@@ -158,11 +161,15 @@ class Fetcher:
         policy: NetworkPolicy | None = None,
         defer_from: float = math.inf,
         stage: ImageStage | None = None,
+        client: HttpClient | None = None,
     ) -> None:
         """``defer_from``: a retry due later than this many seconds raises RetryLater.
-        ``stage``: re-encode and/or content dedupe before the commit (imagestage.py)."""
+        ``stage``: re-encode and/or content dedupe before the commit (imagestage.py).
+        ``client``: imgdl's own client for direct requests (``http.client: builtin``);
+        ``session`` serves the others."""
         self.stage = stage
         self.session = session
+        self.client = client
         self.settings = settings
         self.defer_from = defer_from
         self.store = store
@@ -279,9 +286,11 @@ class Fetcher:
 
     async def _request(
         self, url: URL, headers: dict[str, str], proxy: Proxy | None = None
-    ) -> aiohttp.ClientResponse:
+    ) -> ResponseLike:
         """Send the request and read the response head; a connection that breaks before
         the head is complete is a protocol error (the server spoke, then hung up)."""
+        if proxy is None and self.client is not None:
+            return await self.client.get(url, headers)
         if proxy is not None and proxy.socks:
             return await self._through_socks(url, headers, proxy)
         if proxy is not None and url.scheme == "http":
@@ -340,9 +349,7 @@ class Fetcher:
             )
         return target
 
-    async def _respond(
-        self, job: Job, stem: str, resp: aiohttp.ClientResponse, this_try: _Try
-    ) -> Outcome:
+    async def _respond(self, job: Job, stem: str, resp: ResponseLike, this_try: _Try) -> Outcome:
         """The final response: check status and headers, then stream the body."""
         status = resp.status
         if status != 200:
@@ -368,13 +375,11 @@ class Fetcher:
             return await self._stream(job, stem, resp, this_try)
         except UploadError as exc:  # the image was good; the object store did not take it
             raise _Failed(Reason.UPLOAD_ERROR, str(exc), status, final=True) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:  # keep the status we got
+        except (aiohttp.ClientError, HttpClientError, TimeoutError) as exc:  # keep the status
             reason, error = classify(exc)
             raise _Failed(reason, error, status) from None
 
-    async def _stream(
-        self, job: Job, stem: str, resp: aiohttp.ClientResponse, this_try: _Try
-    ) -> Outcome:
+    async def _stream(self, job: Job, stem: str, resp: ResponseLike, this_try: _Try) -> Outcome:
         """Body to a part file: size cap, speed floor, type sniff, Content-Length check.
 
         A body is held in memory up to ``spool_bytes`` and written at once when it
@@ -525,7 +530,7 @@ class Fetcher:
             return nullcontext()
         return self.limiter.request(host)
 
-    def _sniffed(self, head: bytes, resp: aiohttp.ClientResponse, status: int) -> ImageType:
+    def _sniffed(self, head: bytes, resp: ResponseLike, status: int) -> ImageType:
         try:
             return accept(sniff(head), self.validate)
         except InvalidImage as exc:

@@ -296,6 +296,13 @@ class HttpSettings(_Section):
         description="Redirects followed per request; more is too_many_redirects. Every hop "
         "must be http or https and pass the network policy.",
     )
+    client: Literal["builtin", "aiohttp"] = Field(
+        "builtin",
+        description="The HTTP client of direct requests. builtin: imgdl's own HTTP/1.1 client "
+        "(keep-alive pool, the llhttp parser), which costs about a third of aiohttp's CPU "
+        "per request; aiohttp: aiohttp's ClientSession, as for requests through a proxy, "
+        "which always use it.",
+    )
 
 
 class NetworkSettings(_Section):

@@ -20,6 +20,7 @@ from typing import IO, Any
 import aiohttp
 
 from downloader.fetch import Fetcher, RetryLater
+from downloader.httpclient import HttpClient
 from downloader.imagestage import process_stage
 from downloader.limits import Limiter
 from downloader.netpolicy import NetworkPolicy
@@ -95,7 +96,23 @@ def process_session(settings: Settings, policy: NetworkPolicy) -> aiohttp.Client
     return _session
 
 
+_client: HttpClient | None = None
+
+
+def process_client(settings: Settings, policy: NetworkPolicy) -> HttpClient | None:
+    """imgdl's own client for direct requests (``http.client: builtin``), one per
+    process like the session, its connections kept from shard to shard."""
+    global _client
+    if settings.http.client != "builtin":
+        return None
+    if _client is None:
+        _client = HttpClient(settings, policy)
+    return _client
+
+
 async def close_process_session() -> None:
+    if _client is not None:
+        await _client.close()
     if _session is not None:
         await _session.close()
     await close_socks_sessions()
@@ -155,6 +172,7 @@ class ShardRun:
             policy,
             defer_from=DEFER_RETRIES_FROM,
             stage=process_stage(self.settings, self.context.outdir, self.context.s3 is None),
+            client=process_client(self.settings, policy),
         )
         watcher = asyncio.create_task(self._watch_stop(journal))
         producer = asyncio.create_task(self._produce(queue, consumers_n, journal))

@@ -82,9 +82,11 @@ def garbage() -> Iterator[dict[str, RawServer]]:
         server.stop()
 
 
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
 def test_every_hostile_case_has_its_reason(
-    hostile: DevServer, garbage: dict[str, RawServer], tmp_path: Path
+    hostile: DevServer, garbage: dict[str, RawServer], tmp_path: Path, client: str
 ) -> None:
+    """Both HTTP clients (http.client) give every case the same reason."""
     ca = trustme.CA()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(context)
@@ -128,6 +130,7 @@ def test_every_hostile_case_has_its_reason(
             "--tries",
             "1",
             timeout=120,
+            env=clean_env(IMGDL_HTTP_CLIENT=client),
         )
         took = time.monotonic() - started
     assert result.returncode == 1, result.stderr
