@@ -12,18 +12,19 @@ import dataclasses
 import hashlib
 import math
 import os
+import sys
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import NamedTuple
 
-import aiohttp
 from yarl import URL
 
 from downloader.body import CHUNK_BYTES, Body, BodyError
 from downloader.columns import BodyHash
 from downloader.errors import UnsafeNameError
 from downloader.hostrules import HostRules
-from downloader.httpclient import HttpClient, HttpClientError, ResponseLike
+from downloader.httpclient import HttpClient, ResponseLike
+from downloader.httperrors import HttpClientError
 from downloader.imagesize import image_size
 from downloader.imagestage import ImageStage, Stored
 from downloader.limits import Limiter
@@ -34,7 +35,6 @@ from downloader.proxy import Proxy, ProxyRules
 from downloader.retry import RetryPolicy
 from downloader.settings import Settings
 from downloader.storage import NameTakenError, Part, Store, UploadError
-from downloader.transport import socks_session
 from downloader.validate import (
     ImageType,
     InvalidImage,
@@ -76,13 +76,6 @@ class _Failed(Exception):
         self.final = final  # the same request would fail the same way: never retry
 
 
-def _lost(exc: BaseException) -> _Failed:
-    return _Failed(
-        Reason.PROTOCOL_ERROR,
-        f"connection lost before a complete response head: {exc or type(exc).__name__}",
-    )
-
-
 def _conditions(job: Job) -> dict[str, str]:
     """Conditional-request headers for a job that revalidates an image saved earlier."""
     headers = {}
@@ -99,7 +92,6 @@ def _ms_since(started: float) -> int:
 
 def classify(exc: BaseException) -> tuple[Reason, str]:
     """Map an exception raised while fetching to a reason and a one-line message."""
-    # Order matters: the TLS errors subclass the connector errors.
     message = str(exc) or type(exc).__name__
     if isinstance(exc, BlockedAddressError):
         return Reason.BLOCKED_ADDRESS, message
@@ -107,29 +99,26 @@ def classify(exc: BaseException) -> tuple[Reason, str]:
         return Reason.UPLOAD_ERROR, message
     if isinstance(exc, HttpClientError):
         return exc.reason, message
-    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-            message += " (a private CA? trust it with tls.ca_bundle or SSL_CERT_FILE)"
-        return Reason.TLS_ERROR, message
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+    if "aiohttp" in sys.modules:  # only a worker that sent a request through aiohttp
+        from downloader.transport import classify as classify_aiohttp
+
+        found = classify_aiohttp(exc, message)
+        if found is not None:
+            return found
+    if isinstance(exc, TimeoutError):
         return Reason.TIMEOUT, message if str(exc) else "timed out"
-    if isinstance(exc, aiohttp.TooManyRedirects):
-        return Reason.TOO_MANY_REDIRECTS, message
-    if isinstance(exc, aiohttp.RedirectClientError):  # e.g. a malformed Location
-        return Reason.PROTOCOL_ERROR, message
-    if isinstance(exc, aiohttp.InvalidURL):
-        return Reason.INVALID_URL, message
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return Reason.TRUNCATED, message
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return Reason.PROTOCOL_ERROR, message
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientConnectionError):
-        return Reason.CONNECTION_ERROR, message
-    if isinstance(exc, aiohttp.ClientError):
-        return Reason.PROTOCOL_ERROR, message
     if isinstance(exc, OSError):
         return Reason.WRITE_ERROR, message
     return Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {message}"
+
+
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """What reading a body may raise besides our own errors: aiohttp's too, once loaded."""
+    if "aiohttp" not in sys.modules:
+        return (HttpClientError, TimeoutError)
+    from downloader.transport import BODY_ERRORS
+
+    return (HttpClientError, TimeoutError, *BODY_ERRORS)
 
 
 class RetryLater(Exception):
@@ -150,11 +139,10 @@ class _Try(NamedTuple):
 
 
 class Fetcher:
-    """Downloads jobs with one shared session into one store."""
+    """Downloads jobs with the worker's HTTP client into one store."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         store: Store,
         settings: Settings,
         limiter: Limiter | None = None,
@@ -166,9 +154,8 @@ class Fetcher:
         """``defer_from``: a retry due later than this many seconds raises RetryLater.
         ``stage``: re-encode and/or content dedupe before the commit (imagestage.py).
         ``client``: imgdl's own client for direct requests (``http.client: builtin``);
-        ``session`` serves the others."""
+        the others go through aiohttp's session (transport.py)."""
         self.stage = stage
-        self.session = session
         self.client = client
         self.settings = settings
         self.defer_from = defer_from
@@ -287,50 +274,13 @@ class Fetcher:
     async def _request(
         self, url: URL, headers: dict[str, str], proxy: Proxy | None = None
     ) -> ResponseLike:
-        """Send the request and read the response head; a connection that breaks before
-        the head is complete is a protocol error (the server spoke, then hung up)."""
+        """Send the request and read the response head: through the builtin client when
+        it goes straight to the server, else through aiohttp (transport.py)."""
         if proxy is None and self.client is not None:
             return await self.client.get(url, headers)
-        if proxy is not None and proxy.socks:
-            return await self._through_socks(url, headers, proxy)
-        if proxy is not None and url.scheme == "http":
-            # aiohttp sends proxy_headers with CONNECT only; a plain http request is
-            # itself the proxy's (never for https: it would travel inside the tunnel).
-            headers = {**headers, **proxy.headers}
-        try:
-            return await self.session.get(
-                url,
-                allow_redirects=False,
-                headers=headers,
-                proxy=proxy.url if proxy else None,
-                proxy_headers=proxy.headers if proxy else None,
-            )
-        except aiohttp.ClientProxyConnectionError as exc:
-            assert proxy is not None
-            raise aiohttp.ClientConnectionError(f"proxy {proxy.shown}: {exc}") from None
-        except aiohttp.ClientConnectorError:
-            raise
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise _lost(exc) from None
+        from downloader import transport  # aiohttp: loaded by the first request it sends
 
-    async def _through_socks(
-        self, url: URL, headers: dict[str, str], proxy: Proxy
-    ) -> aiohttp.ClientResponse:
-        """The request through a SOCKS proxy: on that proxy's own session, whose
-        connector speaks SOCKS5 (aiohttp-socks); its errors are not aiohttp's."""
-        from downloader.socks import SOCKS_ERRORS, SOCKS_TIMEOUT  # optional library
-
-        session = socks_session(self.settings, self.policy, proxy)
-        try:
-            return await session.get(url, allow_redirects=False, headers=headers)
-        except SOCKS_TIMEOUT as exc:
-            raise TimeoutError(f"proxy {proxy.shown}: {exc}") from None
-        except SOCKS_ERRORS as exc:
-            raise aiohttp.ClientConnectionError(f"proxy {proxy.shown}: {exc}") from None
-        except aiohttp.ClientConnectorError:
-            raise
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise _lost(exc) from None
+        return await transport.request(self.settings, self.policy, url, headers, proxy)
 
     @staticmethod
     def _next_hop(url: URL, location: str, status: int) -> URL:
@@ -375,7 +325,7 @@ class Fetcher:
             return await self._stream(job, stem, resp, this_try)
         except UploadError as exc:  # the image was good; the object store did not take it
             raise _Failed(Reason.UPLOAD_ERROR, str(exc), status, final=True) from None
-        except (aiohttp.ClientError, HttpClientError, TimeoutError) as exc:  # keep the status
+        except _body_errors() as exc:  # keep the status we got
             reason, error = classify(exc)
             raise _Failed(reason, error, status) from None
 

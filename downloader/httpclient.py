@@ -13,25 +13,29 @@ aiohttp`` sends everything that way.
 The response offers what ``fetch.py`` and ``body.py`` read from an aiohttp
 response (``status``, ``reason``, ``headers``, ``content_length``,
 ``content.iter_chunked``, ``async with``), so the fetcher handles both alike.
-Errors carry their outcome reason (:class:`HttpClientError`).
+Errors carry their outcome reason (``httperrors.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from downloader.netpolicy import GuardedResolver, NetworkPolicy, parse_host
-from downloader.outcomes import Reason
+from downloader.httperrors import (
+    ConnectError,
+    ProtocolError,
+    TlsError,
+    TruncatedError,
+)
+from downloader.netpolicy import AddressGuard, NetworkPolicy
 from downloader.settings import Settings
 from downloader.tls import ssl_context
 
@@ -43,28 +47,6 @@ KEEPALIVE_SECONDS = 15.0
 #: A body buffered beyond this stops reading from the socket until the reader catches up.
 HIGH_WATER = 1024 * 1024
 LOW_WATER = 256 * 1024
-
-
-class HttpClientError(Exception):
-    """A request that failed; ``reason`` is the outcome the manifest records."""
-
-    reason: ClassVar[Reason] = Reason.PROTOCOL_ERROR
-
-
-class ConnectError(HttpClientError):
-    reason = Reason.CONNECTION_ERROR
-
-
-class TlsError(HttpClientError):
-    reason = Reason.TLS_ERROR
-
-
-class ProtocolError(HttpClientError):
-    reason = Reason.PROTOCOL_ERROR
-
-
-class TruncatedError(HttpClientError):
-    reason = Reason.TRUNCATED
 
 
 class _Stale(Exception):
@@ -343,11 +325,10 @@ class HttpClient:
         http = settings.http
         self.loop = asyncio.get_running_loop()
         self.policy = policy
-        self.resolver = GuardedResolver(policy)
+        self.guard = AddressGuard(policy, http.dns_cache_ttl)
         self.connect_timeout = http.connect_timeout
         self.read_timeout = http.read_timeout
         self.total_timeout = http.total_timeout
-        self.dns_ttl = http.dns_cache_ttl
         self.max_idle = max(1, http.concurrency)
         self._tls = settings.tls
         self._ssl: ssl.SSLContext | None = None
@@ -360,7 +341,6 @@ class HttpClient:
         self._fixed = "".join(_header_value(n, v) for n, v in self._defaults.values())
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._idle_count = 0
-        self._dns: dict[tuple[str, int], tuple[float, list[tuple[int, str]]]] = {}
 
     async def get(self, url: URL, headers: Mapping[str, str]) -> Response:
         """Send ``GET url`` and read the answer's head; the body is read from the response."""
@@ -427,25 +407,6 @@ class HttpClient:
         self._idle.setdefault(connection.key, []).append(connection)
         self._idle_count += 1
 
-    async def _addresses(self, host: str, port: int) -> list[tuple[int, str]]:
-        """The addresses to try, those the policy refuses left out (GuardedResolver)."""
-        literal = parse_host(host)
-        if literal is not None:
-            self.policy.check_host(host)
-            return [(socket.AF_INET6 if literal.version == 6 else socket.AF_INET, host)]
-        now = self.loop.time()
-        cached = self._dns.get((host, port))
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        try:
-            answers = await self.resolver.resolve(host, port, socket.AF_UNSPEC)
-        except OSError as exc:
-            raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
-        addresses = [(int(a["family"]), str(a["host"])) for a in answers]
-        if self.dns_ttl > 0:
-            self._dns[(host, port)] = (now + self.dns_ttl, addresses)
-        return addresses
-
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
             configured = ssl_context(self._tls)
@@ -462,7 +423,7 @@ class HttpClient:
         scheme, host, port = key
         tls = self._ssl_context() if scheme == "https" else None
         failures: list[str] = []
-        for family, address in await self._addresses(host, port):
+        for family, address in await self.guard.addresses(host, port):
             left = deadline - self.loop.time()
             try:
                 async with asyncio.timeout(min(self.connect_timeout, left)):
@@ -498,7 +459,6 @@ class HttpClient:
                 connection.close()
         self._idle.clear()
         self._idle_count = 0
-        await self.resolver.close()
 
 
 class ChunkSource(Protocol):

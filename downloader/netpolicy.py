@@ -20,6 +20,7 @@ into the same address.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import ipaddress
@@ -28,9 +29,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
+from downloader.httperrors import ConnectError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -124,28 +123,66 @@ def _host_verdict(policy: NetworkPolicy, host: str) -> str | None:
     return policy.refuses(address) if address is not None else None
 
 
-class GuardedResolver(AbstractResolver):
-    """A resolver that keeps only the addresses the policy allows."""
-
-    def __init__(self, policy: NetworkPolicy, inner: AbstractResolver | None = None) -> None:
-        self.policy = policy
-        self.inner = inner or DefaultResolver()
+class SystemResolver:
+    """Names to addresses through the event loop's ``getaddrinfo`` (uvloop's, or a
+    thread), with the flags aiohttp's default resolver uses; answers as aiohttp's
+    resolvers give them (``host``, ``port``, ``family``), so that either fits."""
 
     async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        answers = await self.inner.resolve(host, port, family)
-        allowed = [a for a in answers if not self._refused(a)]
-        if not allowed:
-            reasons = "; ".join(filter(None, (self._refused(a) for a in answers)))
-            raise BlockedAddressError(f"{host} resolves only to refused addresses: {reasons}")
-        return allowed
-
-    def _refused(self, answer: Any) -> str | None:
-        return self.policy.refuses(ipaddress.ip_address(answer["host"]))
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_UNSPEC
+    ) -> list[dict[str, Any]]:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, family=family, flags=socket.AI_ADDRCONFIG
+        )
+        seen = dict.fromkeys((int(info[0]), str(info[4][0])) for info in infos)
+        return [{"host": address, "port": port, "family": fam} for fam, address in seen]
 
     async def close(self) -> None:
-        await self.inner.close()
+        pass
+
+
+def refused_answers(policy: NetworkPolicy, answers: list[dict[str, Any]]) -> list[str]:
+    """Why each refused address of a DNS answer is refused."""
+    return [why for a in answers if (why := policy.refuses(ipaddress.ip_address(a["host"])))]
+
+
+class AddressGuard:
+    """The addresses a connection to ``host`` may go to: a literal one if the policy
+    allows it, a name's DNS answer without the addresses the policy refuses
+    (BlockedAddressError if none is left), cached for ``ttl`` seconds."""
+
+    def __init__(
+        self, policy: NetworkPolicy, ttl: float = 0, resolver: SystemResolver | None = None
+    ) -> None:
+        self.policy = policy
+        self.ttl = ttl
+        self.resolver = resolver or SystemResolver()
+        self._cache: dict[tuple[str, int], tuple[float, list[tuple[int, str]]]] = {}
+
+    async def addresses(self, host: str, port: int) -> list[tuple[int, str]]:
+        literal = parse_host(host)
+        if literal is not None:
+            self.policy.check_host(host)
+            return [(socket.AF_INET6 if literal.version == 6 else socket.AF_INET, str(literal))]
+        now = time.monotonic()
+        cached = self._cache.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            answers = await self.resolver.resolve(host, port, socket.AF_UNSPEC)
+        except OSError as exc:
+            raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+        allowed = [
+            (int(a["family"]), str(a["host"]))
+            for a in answers
+            if not self.policy.refuses(ipaddress.ip_address(a["host"]))
+        ]
+        if not allowed:
+            reasons = "; ".join(refused_answers(self.policy, answers))
+            raise BlockedAddressError(f"{host} resolves only to refused addresses: {reasons}")
+        if self.ttl > 0:
+            self._cache[(host, port)] = (now + self.ttl, allowed)
+        return allowed
 
 
 class TargetCheck:
@@ -160,10 +197,10 @@ class TargetCheck:
     """
 
     def __init__(
-        self, policy: NetworkPolicy, resolver: AbstractResolver | None = None, ttl: float = 60
+        self, policy: NetworkPolicy, resolver: SystemResolver | None = None, ttl: float = 60
     ) -> None:
         self.policy = policy
-        self.resolver = resolver or DefaultResolver()
+        self.resolver = resolver or SystemResolver()
         self.ttl = ttl
         self._verdicts: dict[str, tuple[float, str | None]] = {}
 
@@ -184,12 +221,10 @@ class TargetCheck:
         try:
             answers = await self.resolver.resolve(host, 0, socket.AF_UNSPEC)
         except OSError as exc:
-            raise aiohttp.ClientConnectionError(
+            raise ConnectError(
                 f"cannot resolve {host} to check it before the proxy: {exc}"
             ) from None
-        reasons = [
-            why for a in answers if (why := self.policy.refuses(ipaddress.ip_address(a["host"])))
-        ]
+        reasons = refused_answers(self.policy, answers)
         if reasons:
             return f"{host} resolves to refused addresses ({'; '.join(reasons)})"
         return None

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any
-
-import aiohttp
 
 from downloader.fetch import Fetcher, RetryLater
 from downloader.httpclient import HttpClient
@@ -30,7 +29,6 @@ from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.storage import Store
 from downloader.telemetry import get_logger, process_telemetry
-from downloader.transport import close_socks_sessions, open_session
 from downloader.worker import ShardResult, WorkerContext
 
 #: How often a worker looks at the parent's stop flag.
@@ -82,20 +80,6 @@ class Journal:
         self._file.close()
 
 
-_session: aiohttp.ClientSession | None = None
-
-
-def process_session(settings: Settings, policy: NetworkPolicy) -> aiohttp.ClientSession:
-    """One session per worker process, kept from shard to shard on the worker's one
-    event loop: its connections and DNS cache carry over, where a session per shard
-    paid for a new loop, a new pool and new connections every 1,000 URLs (about 9 %
-    of the CPU of a loopback run, issue 5)."""
-    global _session
-    if _session is None or _session.closed:
-        _session = open_session(settings, policy)
-    return _session
-
-
 _client: HttpClient | None = None
 
 
@@ -111,11 +95,13 @@ def process_client(settings: Settings, policy: NetworkPolicy) -> HttpClient | No
 
 
 async def close_process_session() -> None:
+    """At the worker's exit: its connections, and aiohttp's sessions if it opened any."""
     if _client is not None:
         await _client.close()
-    if _session is not None:
-        await _session.close()
-    await close_socks_sessions()
+    if "downloader.transport" in sys.modules:
+        from downloader.transport import close_sessions
+
+        await close_sessions()
 
 
 class ShardRun:
@@ -163,9 +149,7 @@ class ShardRun:
         queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=2 * consumers_n)
         policy = NetworkPolicy.from_strings(self.settings.network.allow)
         limiter = Limiter(self.settings.limits, self.context.limits)
-        session = process_session(self.settings, policy)
         fetcher = Fetcher(
-            session,
             self._store(),
             self.settings,
             limiter if limiter.limits_anything else None,

@@ -22,8 +22,8 @@ from aiohttp_socks import ProxyConnectionError, ProxyConnector, ProxyError, Prox
 from python_socks import ProxyType
 from python_socks.async_.asyncio.v2 import Proxy as SocksClient
 
-from downloader.netpolicy import GuardedResolver
 from downloader.proxy import Proxy
+from downloader.transport import GuardedResolver
 
 #: What a SOCKS proxy that is down, refuses or fails raises (not aiohttp errors).
 SOCKS_ERRORS = (ProxyConnectionError, ProxyError)

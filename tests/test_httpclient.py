@@ -10,6 +10,8 @@ import asyncio
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -273,3 +275,16 @@ def test_the_aiohttp_client_is_still_there(
     )
     assert refused.returncode == 2
     assert "http.client" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_worker_loads_aiohttp_only_for_what_needs_it() -> None:
+    """The download path of a worker (worker, shardrun, fetch, the builtin client) does
+    not import aiohttp: it is loaded by the first request through a proxy or with
+    http.client: aiohttp (transport.py), which saves every worker its start-up cost."""
+    code = (
+        "import sys, downloader.worker, downloader.shardrun, downloader.fetch;"
+        "print('aiohttp' in sys.modules);"
+        "import downloader.transport; print('aiohttp' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True"]
