@@ -203,7 +203,8 @@ class _Connection(asyncio.Protocol):
         self.response: Response | None = None
         self.usable = True
         self.idle_since = 0.0
-        self._head_bytes = 0
+        self._head_bytes = 0  # received while the head is incomplete
+        self._header_bytes = 0  # the head's header lines, as parsed
         self._reason = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -239,6 +240,7 @@ class _Connection(asyncio.Protocol):
     # parser callbacks (httptools): they must not raise
     def on_message_begin(self) -> None:
         self._reason = b""
+        self._header_bytes = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -250,6 +252,7 @@ class _Connection(asyncio.Protocol):
             response._fail(ProtocolError(f"a header line longer than {MAX_HEADER_LINE} bytes"))
             self.close()
             return
+        self._header_bytes += len(name) + len(value) + 4
         response._headers.add(
             name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
         )
@@ -258,6 +261,10 @@ class _Connection(asyncio.Protocol):
         response = self.response
         assert response is not None
         status = self.parser.get_status_code()
+        if self._header_bytes > MAX_HEAD_BYTES:  # a whole head that came in one read
+            response._fail(ProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes"))
+            self.close()
+            return
         if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
             response._headers.clear()
             return
@@ -384,23 +391,32 @@ class HttpClient:
         return "".join(lines).encode("utf-8", "surrogateescape")
 
     def _take(self, key: tuple[str, str, int]) -> _Connection | None:
+        """An idle connection to ``key`` that can still carry a request, if any."""
         idle = self._idle.get(key)
+        if idle is None:
+            return None
         now = self.loop.time()
-        while idle:
+        found = None
+        while idle and found is None:
             connection = idle.pop()
             self._idle_count -= 1
             if connection.usable and now - connection.idle_since < KEEPALIVE_SECONDS:
-                return connection
-            connection.close()
-        return None
+                found = connection
+            else:
+                connection.close()
+        if not idle:  # no empty lists: a crawl of a million hosts keeps none of them
+            del self._idle[key]
+        return found
 
     def release(self, connection: _Connection) -> None:
-        if self._idle_count >= self.max_idle:  # many hosts: drop the oldest idle one
-            oldest = min(
-                (c for pool in self._idle.values() for c in pool[:1]),
-                key=lambda c: c.idle_since,
-            )
-            self._idle[oldest.key].remove(oldest)
+        """Keep ``connection`` for the next request to its origin; at most ``max_idle``
+        are kept in all (the one idle longest is closed to make room)."""
+        if self._idle_count >= self.max_idle:
+            oldest = min((pool[0] for pool in self._idle.values()), key=lambda c: c.idle_since)
+            pool = self._idle[oldest.key]
+            pool.pop(0)
+            if not pool:
+                del self._idle[oldest.key]
             self._idle_count -= 1
             oldest.close()
         connection.idle_since = self.loop.time()

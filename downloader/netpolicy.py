@@ -27,10 +27,12 @@ import ipaddress
 import socket
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from downloader.httperrors import ConnectError
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -141,6 +143,18 @@ class SystemResolver:
         pass
 
 
+#: Hosts whose DNS answers (or verdicts) are kept: a crawl over a million hosts keeps
+#: the latest ones, not all.
+CACHED_HOSTS = 4096
+
+
+def remember(cache: dict[_K, _V], key: _K, value: _V) -> None:
+    """``cache[key] = value``, dropping the oldest entry when ``CACHED_HOSTS`` are held."""
+    if key not in cache and len(cache) >= CACHED_HOSTS:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 def refused_answers(policy: NetworkPolicy, answers: list[dict[str, Any]]) -> list[str]:
     """Why each refused address of a DNS answer is refused."""
     return [why for a in answers if (why := policy.refuses(ipaddress.ip_address(a["host"])))]
@@ -181,7 +195,7 @@ class AddressGuard:
             reasons = "; ".join(refused_answers(self.policy, answers))
             raise BlockedAddressError(f"{host} resolves only to refused addresses: {reasons}")
         if self.ttl > 0:
-            self._cache[(host, port)] = (now + self.ttl, allowed)
+            remember(self._cache, (host, port), (now + self.ttl, allowed))
         return allowed
 
 
@@ -213,7 +227,7 @@ class TargetCheck:
         cached = self._verdicts.get(host)
         if cached is None or cached[0] < now:
             cached = (now + self.ttl, await self._verdict(host))
-            self._verdicts[host] = cached
+            remember(self._verdicts, host, cached)
         if cached[1]:
             raise BlockedAddressError(cached[1])
 

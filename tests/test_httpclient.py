@@ -22,6 +22,7 @@ from PIL import Image
 from tests.conftest import clean_env, image_files, read_manifest, run_cli, write_list
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, int], Awaitable[bool]]
+Starter = Callable[..., "ScriptedServer"]
 
 
 def _png(seed: int, side: int = 40) -> bytes:
@@ -41,8 +42,9 @@ class ScriptedServer:
     the request's number on its connection, from 0), which answers and returns whether
     the connection stays open. Counts connections."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, host: str = "127.0.0.1") -> None:
         self.handler = handler
+        self.host = host
         self.connections = 0
         self.requests = 0
         self.heads: list[bytes] = []
@@ -66,7 +68,7 @@ class ScriptedServer:
                 writer.close()
 
         async def start() -> None:
-            self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+            self.server = await asyncio.start_server(serve, self.host, 0)
             self.port = self.server.sockets[0].getsockname()[1]
             ready.set()
 
@@ -77,7 +79,7 @@ class ScriptedServer:
         assert ready.wait(5)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def stop(self) -> None:
         async def shut() -> None:
@@ -107,8 +109,8 @@ def _head(length: int | None, *extra: str) -> bytes:
 def scripted() -> Iterator[Callable[[Handler], ScriptedServer]]:
     servers: list[ScriptedServer] = []
 
-    def start(handler: Handler) -> ScriptedServer:
-        servers.append(ScriptedServer(handler))
+    def start(handler: Handler, host: str = "127.0.0.1") -> ScriptedServer:
+        servers.append(ScriptedServer(handler, host))
         return servers[-1]
 
     yield start
@@ -252,6 +254,91 @@ def test_a_stalled_body_times_out_and_a_huge_head_is_refused(
     assert "response head longer than" in str(huge["error"])
     assert fine["status"] == "saved"
     assert not list(out.rglob("*.part"))
+
+
+def test_a_huge_head_in_a_single_read_is_refused() -> None:
+    """The head cap holds also when the whole head arrives in one read (the parser then
+    completes it before the client could count the bytes still waiting)."""
+    from downloader.httpclient import HttpClient, Response, _Connection
+    from downloader.httperrors import ProtocolError
+    from downloader.netpolicy import NetworkPolicy
+    from downloader.settings import Settings
+
+    class Transport:
+        closed = False
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+    async def scenario() -> bool:
+        client = HttpClient(Settings(), NetworkPolicy())
+        connection = _Connection(client, ("http", "example.test", 80))
+        transport = Transport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        response = Response(connection, client.loop.time() + 5, 5)
+        connection.send(response, b"GET / HTTP/1.1\r\n\r\n")
+        connection.data_received(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 20_000 + b"\r\n")
+        with pytest.raises(ProtocolError, match="response head longer than"):
+            await response._read_head()
+        return transport.closed
+
+    assert asyncio.run(scenario())
+
+
+def test_idle_connections_and_dns_answers_stay_bounded_over_many_hosts(
+    scripted: Starter,
+) -> None:
+    """A crawl touches many hosts once each: the client keeps at most ``concurrency``
+    idle connections in all (the oldest closed first) and no trace of a host it holds
+    none for; the DNS cache keeps at most CACHED_HOSTS names. Twelve servers on
+    127.0.0.2-13 (all loopback), a client with concurrency 3."""
+    from yarl import URL
+
+    from downloader import netpolicy
+    from downloader.httpclient import HttpClient
+    from downloader.netpolicy import AddressGuard, NetworkPolicy
+    from downloader.settings import Settings
+
+    servers = [scripted(_keep_alive, f"127.0.0.{n}") for n in range(2, 14)]
+    settings = Settings.model_validate({"http": {"concurrency": 3}})
+    policy = NetworkPolicy.from_strings(["127.0.0.0/8"])
+
+    async def crawl() -> tuple[int, int, list[int]]:
+        client = HttpClient(settings, policy)
+        for server in servers:
+            for n in range(2):
+                response = await client.get(URL(server.url(f"/{n}.png")), {})
+                async with response:
+                    body = b"".join([c async for c in response.content.iter_chunked(65536)])
+                assert body == SMALL[n]
+        held = sum(len(pool) for pool in client._idle.values())
+        hosts = len(client._idle)
+        await client.close()
+        return held, hosts, [s.connections for s in servers]
+
+    held, hosts, connections = asyncio.run(crawl())
+    assert held == 3 and hosts == 3  # the last three servers' connections, nothing else
+    assert connections == [1] * 12  # each server's two requests on one connection
+
+    class Counting(netpolicy.SystemResolver):
+        async def resolve(
+            self, host: str, port: int = 0, family: object = 0
+        ) -> list[dict[str, object]]:
+            return [{"host": "127.0.0.1", "port": port, "family": 2}]
+
+    async def resolve_many() -> int:
+        guard = AddressGuard(policy, ttl=300, resolver=Counting())
+        for n in range(netpolicy.CACHED_HOSTS + 500):
+            assert await guard.addresses(f"host{n}.test", 80) == [(2, "127.0.0.1")]
+        return len(guard._cache)
+
+    assert asyncio.run(resolve_many()) == netpolicy.CACHED_HOSTS
 
 
 def test_the_aiohttp_client_is_still_there(
