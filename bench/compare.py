@@ -109,6 +109,10 @@ ROWS: dict[str, tuple[Callable[[Path, Path, int], list[str]], str]] = {
         imgdl("--concurrency", "32", "--shard-size", "5000"),
         "imgdl fetch --concurrency 32 --shard-size 5000",
     ),
+    "imgdl-aiohttp": (
+        imgdl("--http-client", "aiohttp"),
+        "imgdl fetch --http-client aiohttp (direct requests through aiohttp's session)",
+    ),
     "curl": (curl, "curl --parallel --parallel-max N"),
     "wget2": (wget2, "wget2 --max-threads N"),
     "aria2c": (aria2c, "aria2c -i -j N"),

@@ -77,6 +77,13 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
         click.IntRange(0),
         "Connections open to each host, whole run; 0: no limit [default: 0].",
     ),
+    (
+        "--http-client",
+        "http.client",
+        click.Choice(["builtin", "aiohttp"]),
+        "HTTP client of direct requests: imgdl's own HTTP/1.1 client, or aiohttp's "
+        "[default: builtin].",
+    ),
     ("--shard-size", "run.shard_size", click.IntRange(1), "URLs per shard [default: 1000]."),
     (
         "--shard-index",

@@ -299,7 +299,7 @@ class HttpSettings(_Section):
     client: Literal["builtin", "aiohttp"] = Field(
         "builtin",
         description="The HTTP client of direct requests. builtin: imgdl's own HTTP/1.1 client "
-        "(keep-alive pool, the llhttp parser), which costs about a third of aiohttp's CPU "
+        "(keep-alive pool, the llhttp parser), which costs less than half of aiohttp's CPU "
         "per request; aiohttp: aiohttp's ClientSession, as for requests through a proxy, "
         "which always use it.",
     )
