@@ -184,21 +184,30 @@ class Store:
     interface: stem_for, existing, open_part, write_part, holds, remove."""
 
     def __init__(
-        self, root: Path, template: str, probe: bool = True, parts: Path | None = None
+        self,
+        root: Path,
+        template: str,
+        probe: bool = True,
+        parts: Path | None = None,
+        checked_dirs: set[str] | None = None,
     ) -> None:
         """``probe=False`` when no file can be in the way: the folder held no images
         when the run began and every URL gets a name of its own (the default
         template), so the nine ``lstat`` calls per image that look for one are saved.
-        The no-clobber link still refuses to replace anything."""
+        The no-clobber link still refuses to replace anything. ``checked_dirs``: the
+        folders checked by earlier stores of this process (a worker's shards share
+        one set: with 4,096 folders and 1,000 URLs a shard, a set per shard checked
+        a folder for nearly every image)."""
         self.root = root.resolve()
         self.template = template
         self._template_fields = template_fields(template)
         self._plain = _plain_template(template, self._template_fields)
         self.probe = probe
-        self._checked_dirs: set[str] = set()
+        self._checked_dirs = checked_dirs if checked_dirs is not None else set()
         # ``parts``: the run's parts folder (a task of a split job has its own)
         self._parts = (parts or self.root / PARTS_DIR) / str(os.getpid())
         self._parts.mkdir(parents=True, exist_ok=True)
+        self._unnamed = unnamed_parts_work(self._parts)
 
     def stem_for(self, job: Job) -> str:
         if self._plain and not job.name:
@@ -227,17 +236,28 @@ class Store:
         ``stem`` is already safe (no ``..``, not absolute), so only a symbolic link
         below the root can lead out: ``lstat`` each component, and resolve the whole
         path only when one is a link (``realpath`` on every new folder cost more than
-        writing the image).
+        writing the image). A folder this call made itself is no link and needs no
+        ``lstat``: with the default template that is one ``mkdir`` per new folder,
+        where ``os.makedirs`` made four system calls and raised an exception for a
+        folder that was there already.
         """
         final_dir = os.path.dirname(os.path.join(self.root, stem))
         if final_dir in self._checked_dirs:
             return
-        os.makedirs(final_dir, exist_ok=True)
         below = os.path.dirname(stem).split("/")
-        links = any(
-            stat.S_ISLNK(os.lstat(os.path.join(self.root, *below[: i + 1])).st_mode)
-            for i in range(len(below))
-        )
+        try:
+            os.mkdir(final_dir)
+            below.pop()  # made here: a real folder
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # a parent is missing too
+            os.makedirs(final_dir, exist_ok=True)
+        links = False
+        for i in range(len(below)):
+            mode = os.lstat(os.path.join(self.root, *below[: i + 1])).st_mode
+            links = links or stat.S_ISLNK(mode)
+            if i == len(below) - 1 and not (stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                raise FileExistsError(f"{final_dir} is a file, not a folder")
         if links:
             real = os.path.realpath(final_dir)
             if real != str(self.root) and not real.startswith(str(self.root) + os.sep):
@@ -254,9 +274,12 @@ class Store:
 
         Most images are small: one ``write`` of a few dozen KB to the page cache
         costs less than handing the file to a thread three times (open, write,
-        close), which was the largest cost of a worker (issue 5's profile).
+        close), which was the largest cost of a worker (issue 5's profile). Where the
+        file system allows, the file has no name until its commit (``UnnamedPart``).
         """
         self._prepare_dir(stem)
+        if self._unnamed:
+            return UnnamedPart.written(self.root, stem, self._parts, body, self.probe)
         return PartFile.written(self.root, stem, self._parts, body, self.probe)
 
     async def holds(self, relpath: str, sha256: str) -> bool:
@@ -307,21 +330,23 @@ class UploadError(Exception):
     """The object store did not take a body (after its client's retries): upload_error."""
 
 
+def _sibling_taken(stem: str, ext: str) -> bool:
+    """Does a file stand under ``stem`` with another image extension? The stem names
+    the image, so that name counts as taken too."""
+    return any(os.path.lexists(stem + o) for o in EXTENSIONS if o != ext)
+
+
 def _link_into_place(
     part: str, stem: str, ext: str, siblings: bool = True, replace: bool = False
 ) -> None:
-    """Atomic, no-clobber rename: link to the final name, then drop the part name.
-
-    The stem names the image: a file under the same stem with another image
-    extension counts as taken too.
-    """
+    """Atomic, no-clobber rename: link to the final name, then drop the part name."""
     final = stem + ext
     if replace:  # a newer version of an image this folder already holds (revalidation)
         os.replace(part, final)
         return
     # Called from the worker's event loop with no await between the sibling check and
     # the link, so no other download of this process can come in between.
-    if siblings and any(os.path.lexists(stem + o) for o in EXTENSIONS if o != ext):
+    if siblings and _sibling_taken(stem, ext):
         raise FileExistsError(final)
     try:
         os.link(part, final)
@@ -335,15 +360,70 @@ def _link_into_place(
     os.unlink(part)
 
 
-class PartFile:
+def _write_all(fd: int, body: bytes) -> None:
+    view = memoryview(body)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+#: (pid, descriptor of /proc/self/fd): an unnamed part is linked to its name through
+#: it (``linkat`` with AT_SYMLINK_FOLLOW; ``os.link`` uses it only with a dir fd).
+_proc_fds: tuple[int, int] | None = None
+#: parts folder -> whether unnamed parts work there (probed once per process)
+_unnamed_ok: dict[str, bool] = {}
+
+
+def _link_unnamed(fd: int, name: str) -> None:
+    """Give the unnamed (O_TMPFILE) file open at ``fd`` the name ``name``; raises
+    FileExistsError if that name is taken (never replaces)."""
+    global _proc_fds
+    if _proc_fds is None or _proc_fds[0] != os.getpid():  # a forked child has its own
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        _proc_fds = (os.getpid(), os.open("/proc/self/fd", flags))
+    os.link(str(fd), name, src_dir_fd=_proc_fds[1])
+
+
+def _open_unnamed(parts: Path) -> int:
+    return os.open(parts, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+
+
+def unnamed_parts_work(parts: Path) -> bool:
+    """Can files be made without a name in ``parts`` (O_TMPFILE: Linux, on tmpfs, ext4,
+    xfs, btrfs...) and be linked to a name later? Tried once per folder and process."""
+    key = str(parts)
+    if key not in _unnamed_ok:
+        _unnamed_ok[key] = False
+        if hasattr(os, "O_TMPFILE"):
+            probe = PartFile._new_name(parts)
+            try:
+                fd = _open_unnamed(parts)
+                try:
+                    _link_unnamed(fd, probe)
+                    os.unlink(probe)
+                    _unnamed_ok[key] = True
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+    return _unnamed_ok[key]
+
+
+class _Bound:
+    """What a part on a local file system knows of its final name."""
+
+    def __init__(self, root: Path, stem: str, probe: bool) -> None:
+        self._root = root
+        self._stem = stem
+        self._probe = probe  # look for a sibling with another image extension
+
+
+class PartFile(_Bound):
     """A body being written: ``commit`` renames it into place, ``abort`` removes it."""
 
     def __init__(
         self, root: Path, stem: str, part: str, handle: AsyncBufferedIOBase | None, probe: bool
     ) -> None:
-        self._probe = probe
-        self._root = root
-        self._stem = stem
+        super().__init__(root, stem, probe)
         self._part = part
         self._handle = handle
 
@@ -362,9 +442,7 @@ class PartFile:
         part = cls._new_name(parts)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as open() does
         try:
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, body)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -409,3 +487,67 @@ class PartFile:
         if self._handle is not None:
             handle, self._handle = self._handle, None
             await handle.close()
+
+
+class UnnamedPart(_Bound):
+    """A whole body held in a file without a name (O_TMPFILE) until ``commit`` links it
+    to its final name: one file creation and one ``linkat``, where a named part took
+    a random name, a create, a link and an unlink (issue 5). Nothing partial can
+    stand at a final name: the file has none until it is complete, and a killed
+    worker's unnamed files vanish with the process."""
+
+    def __init__(self, root: Path, stem: str, parts: Path, fd: int, probe: bool) -> None:
+        super().__init__(root, stem, probe)
+        self._parts = parts
+        self._fd = fd
+
+    @classmethod
+    def written(cls, root: Path, stem: str, parts: Path, body: bytes, probe: bool = True) -> Self:
+        fd = _open_unnamed(parts)
+        try:
+            _write_all(fd, body)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(root, stem, parts, fd, probe)
+
+    @property
+    def path(self) -> Path:
+        """The open file, by its /proc name (``validate.decode`` reads it)."""
+        return Path(f"/proc/self/fd/{self._fd}")
+
+    async def write(self, chunk: bytes) -> None:
+        raise AssertionError("a part written at once takes no more chunks")
+
+    async def close(self) -> None:
+        """Nothing is buffered; the descriptor stays open until commit or abort."""
+
+    async def commit(self, ext: str, replace: bool = False, content_type: str | None = None) -> str:
+        """As ``PartFile.commit``: the final name is given only if free (else
+        NameTakenError), in this thread, with no await between check and link."""
+        relpath = self._stem + ext
+        final = os.path.join(self._root, self._stem)
+        try:
+            if replace:  # revalidation: a name in the parts folder, renamed over the old
+                named = PartFile._new_name(self._parts)
+                _link_unnamed(self._fd, named)
+                try:
+                    _link_into_place(named, final, ext, replace=True)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(named)
+                    raise
+            elif self._probe and _sibling_taken(final, ext):
+                raise FileExistsError(final + ext)
+            else:
+                _link_unnamed(self._fd, final + ext)
+        except FileExistsError:
+            raise NameTakenError(relpath) from None
+        finally:
+            await self.abort()
+        return relpath
+
+    async def abort(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
