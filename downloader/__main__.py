@@ -1,3 +1,3 @@
-from downloader.cli import main
+from downloader.launch import main
 
 main()

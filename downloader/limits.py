@@ -30,7 +30,7 @@ import dataclasses
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
-from multiprocessing.context import SpawnContext
+from multiprocessing.context import BaseContext
 from multiprocessing.synchronize import Lock
 from typing import Any
 
@@ -56,7 +56,7 @@ class SharedLimits:
     host_connections: Any  # RawArray('i', SLOTS)
 
     @classmethod
-    def create(cls, context: SpawnContext) -> SharedLimits:
+    def create(cls, context: BaseContext) -> SharedLimits:
         return cls(
             lock=context.Lock(),
             run_tat=context.RawValue("d", 0.0),

@@ -33,16 +33,30 @@ def descendants(pid: int) -> list[int]:
 
 
 def workers(pid: int) -> list[int]:
-    """The pool workers of an imgdl parent: its children but multiprocessing's helpers."""
+    """The pool workers of an imgdl parent, without multiprocessing's helpers: the
+    children of its fork server (a worker is forked from there and has the server's
+    command line), or its own children under ``spawn``."""
+    children = _parents()
     found = []
-    for child in _parents().get(pid, []):
+    for child in children.get(pid, []):
         try:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"resource_tracker" not in cmdline:
+        if b"multiprocessing.forkserver" in cmdline:
+            found.extend(children.get(child, []))
+        elif b"resource_tracker" not in cmdline:
             found.append(child)
     return found
+
+
+def running(pid: int) -> bool:
+    """Is ``pid`` a live process (not gone, not a zombie waiting to be reaped)?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def rss_kib(pid: int) -> int:

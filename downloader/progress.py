@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from multiprocessing.context import SpawnContext
+from multiprocessing.context import BaseContext
 from typing import Any, TextIO, cast
 
 from downloader.errors import ImgdlError
@@ -53,7 +53,7 @@ def key_of(outcome: Outcome) -> str:
 class SharedCounters:
     """Outcome counts and bytes in shared memory, one slot each, under one lock."""
 
-    def __init__(self, context: SpawnContext) -> None:
+    def __init__(self, context: BaseContext) -> None:
         self._array = context.Array("q", len(KEYS) + 1)
 
     def add(self, counts: Mapping[str, int], saved_bytes: int) -> None:

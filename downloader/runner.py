@@ -32,11 +32,12 @@ from typing import Any
 
 import structlog
 
-from downloader import contentindex, objstore, packer, sharding
+from downloader import contentindex, objstore, packer, prestart, sharding
 from downloader.dedupe import Duplicates
 from downloader.errors import ImgdlError
 from downloader.limits import SharedLimits
 from downloader.outcomes import Job, Outcome, Reason
+from downloader.prestart import STOP_SIGNALS
 from downloader.progress import Progress, SharedCounters, count_lines
 from downloader.report import RunReport, write_summary
 from downloader.settings import Settings
@@ -60,7 +61,6 @@ from downloader.telemetry import active_telemetry, get_logger
 from downloader.transform import require_pillow as require_pillow_for_images
 from downloader.validate import require_pillow
 from downloader.worker import (
-    STOP_SIGNALS,
     ShardResult,
     WorkerContext,
     init_worker,
@@ -165,7 +165,7 @@ class Runner:
             images=self.outdir,
             exists=self.packer.exists if self.packer is not None else exists,
         )
-        self._mp = multiprocessing.get_context("spawn")
+        self._mp = prestart.context()  # started already by `imgdl fetch` (launch.py)
         self._stop = self._mp.Event()
         self._limits = SharedLimits.create(self._mp)
         self._counters = SharedCounters(self._mp)
@@ -396,6 +396,7 @@ class Runner:
                 run_token=secrets.token_hex(4),  # a killed run's journals never clash
             )
             self._drive(cutter, report)
+            reaper = prestart.reap_in_background()
             for job in cutter.pending:  # read, but the run stopped before sending them
                 report.record(Outcome.not_saved(job, Reason.INTERRUPTED, error="stopped"))
             for _, _, job in self._later:  # failed once at least; stopped before a retry
@@ -420,6 +421,7 @@ class Runner:
             )
             if self.target is not None:
                 self._publish(summary)
+            reaper.join()
         except OSError as exc:  # our own records cannot be written: disk full, gone
             raise ImgdlError(
                 f"cannot write the run's records in {self.records_dir}: {exc.strerror or exc}; "
@@ -490,7 +492,6 @@ class Runner:
             outdir=self.packer.staging if self.packer is not None else self.outdir,
             stop=self._stop,
             limits=self._limits,
-            parent_pid=os.getpid(),
             probe_existing=self._probe_existing,
             progress=self._counters,
             parts_dir=self.state.parts_dir,
@@ -515,13 +516,10 @@ class Runner:
             return False
 
     def _submit(self, pool: ProcessPoolExecutor, shard: Shard) -> Future[ShardResult]:
-        """Submit with SIGINT/SIGTERM blocked: a worker this starts inherits the mask and
-        ignores both before it unblocks them, so a Ctrl-C cannot hit it mid-start-up."""
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            return pool.submit(run_shard, shard)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        """Submit a shard. A worker this starts is forked from the fork server, whose
+        SIGINT/SIGTERM/SIGHUP are blocked (prestart): it ignores them before it unblocks
+        them, so a Ctrl-C cannot hit it mid-start-up."""
+        return pool.submit(run_shard, shard)
 
     def _due_retries(self, cutter: sharding.Cutter) -> Shard | None:
         """A shard of the deferred jobs whose retry is due, if any."""

@@ -29,7 +29,7 @@ from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.storage import Store
 from downloader.telemetry import get_logger, process_telemetry
-from downloader.worker import ShardResult, WorkerContext
+from downloader.worker import ShardResult, WorkerContext, parent_gone
 
 #: How often a worker looks at the parent's stop flag.
 STOP_POLL_SECONDS = 0.1
@@ -232,7 +232,7 @@ class ShardRun:
         meanwhile, feed the parent's progress display."""
         fed = time.monotonic()
         while not self.context.stop.is_set():
-            if os.getppid() != self.context.parent_pid:
+            if parent_gone():
                 self.log.warning("parent process is gone; stopping")
                 break
             await asyncio.sleep(STOP_POLL_SECONDS)

@@ -15,7 +15,6 @@ under a second.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import sys
@@ -398,5 +397,7 @@ def process_telemetry(role: str, task_index: int | None = None) -> Telemetry:
     global _process
     if _process is None:
         _process = Telemetry(role, task_index).__enter__()
-        atexit.register(_process.shutdown)
+        from downloader.worker import at_exit  # only workers have a process telemetry
+
+        at_exit(_process.shutdown)
     return _process

@@ -1,7 +1,8 @@
 """The worker process: signals, the parent watch, one shard at a time.
 
-``init_worker`` runs once per process (the pool's initializer, under the
-``spawn`` start method, so no thread of the parent is inherited). ``run_shard``
+``init_worker`` runs once per process (the pool's initializer; the process is
+forked from the fork server of ``prestart``, so no thread of the parent is
+inherited and every module is loaded already). ``run_shard``
 is what the parent submits: it runs :class:`downloader.shardrun.ShardRun` in an
 event loop. The parent imports this module for the pool; the download machinery
 (aiohttp and the rest) is imported by the workers only, which saves the parent
@@ -11,28 +12,27 @@ about 0.2 s of start-up.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import dataclasses
+import multiprocessing
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.synchronize import Event as MpEvent
+from multiprocessing.util import Finalize
 from pathlib import Path
 
 from downloader.limits import SharedLimits
 from downloader.objstore import S3Location
 from downloader.outcomes import Job
+from downloader.prestart import STOP_SIGNALS
 from downloader.progress import SharedCounters
 from downloader.settings import Settings
 from downloader.sharding import Shard
 from downloader.telemetry import configure_logging
 
-#: The signals that stop a run: the parent's to handle (exit code 128 + the number;
-#: SIGHUP, a closed terminal, unless it was ignored when imgdl started, as by nohup).
-STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 #: How often an idle worker checks that its parent is still there.
 ORPHAN_POLL_SECONDS = 0.5
 
@@ -43,7 +43,6 @@ class WorkerContext:
     outdir: Path
     stop: MpEvent
     limits: SharedLimits
-    parent_pid: int
     #: False only when no file can stand at a final name (see Store)
     probe_existing: bool = True
     #: where the shards add their counts for the parent's progress display
@@ -80,15 +79,35 @@ def init_worker(context: WorkerContext) -> None:
     global _context
     for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
-    # The parent blocked them while starting us (see Runner._submit); ignored now, unblock.
+    # Blocked since the fork server started (see prestart); ignored now, unblock.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _context = context
     configure_logging(context.settings.log.level, context.settings.log.format)
     import downloader.shardrun  # noqa: F401  aiohttp and the rest, before the first shard
 
-    threading.Thread(
-        target=_exit_when_orphaned, args=(context.parent_pid,), name="orphan-watch", daemon=True
-    ).start()
+    threading.Thread(target=_exit_when_orphaned, name="orphan-watch", daemon=True).start()
+
+
+def at_exit(action: Callable[[], object]) -> None:
+    """Run ``action`` when this worker leaves normally (the last registered first).
+
+    Not ``atexit``: a process forked from the fork server ends in ``os._exit``
+    and runs no exit hook (opentelemetry-python #4005); multiprocessing runs its
+    own finalizers as the process's ``run`` returns, under every start method.
+    """
+    Finalize(None, action, exitpriority=10)
+
+
+def parent_gone() -> bool:
+    """The parent process has died (killed with SIGKILL, say).
+
+    Our parent in the process tree is the fork server, which outlives the parent
+    while workers hold it open, so ``getppid`` tells nothing; the pipe that
+    multiprocessing keeps from the parent to each child (its sentinel) ends when
+    the parent's last descriptor closes.
+    """
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
 
 
 _shard_running = threading.Event()
@@ -111,7 +130,7 @@ def _event_loop() -> asyncio.Runner:
     global _runner
     if _runner is None:
         _runner = asyncio.Runner(loop_factory=_loop_factory())
-        atexit.register(_close_event_loop)
+        at_exit(_close_event_loop)
     return _runner
 
 
@@ -125,20 +144,20 @@ def _close_event_loop() -> None:
         _runner.close()
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
+def _exit_when_orphaned() -> None:
     """A worker whose parent was killed would wait for work forever on the pool's pipe.
 
     A shard in progress notices on its own (``_watch_stop``) and journals its
     URLs; once none is running, leave.
     """
-    while os.getppid() == parent_pid or _shard_running.is_set():
+    while not parent_gone() or _shard_running.is_set():
         time.sleep(ORPHAN_POLL_SECONDS)
     os._exit(0)
 
 
 def run_shard(shard: Shard) -> ShardResult:
     assert _context is not None, "init_worker was not run in this process"
-    if os.getppid() != _context.parent_pid:  # a shard left in the queue of a killed run:
+    if parent_gone():  # a shard left in the queue of a killed run:
         os._exit(0)  # its lines belong to the next run now; touch nothing
     _shard_running.set()
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import pytest
 
+from downloader import launch
 from downloader import settings as settings_mod
 from downloader.cli import cli
 from downloader.devserver import DevServer
@@ -266,3 +267,19 @@ def test_dry_run_of_one_task_counts_that_task_lines(server: DevServer, tmp_path:
         counted.append(summary["lines"])
         server.requests.clear()
     assert sum(counted) == 15
+
+
+@pytest.mark.parametrize(
+    ("args", "starts"),
+    [
+        (["fetch", "urls.txt", "-o", "out"], True),
+        (["fetch", "--dry-run", "urls.txt"], False),
+        (["fetch", "--help"], False),
+        (["fetch", "-h"], False),
+        (["config", "show", "fetch"], False),
+        (["report", "out"], False),
+        ([], False),
+    ],
+)
+def test_only_a_fetch_that_downloads_starts_the_fork_server(args: list[str], starts: bool) -> None:
+    assert launch.wants_workers(args) is starts

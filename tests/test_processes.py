@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from downloader.devserver import DevServer
-from downloader.proctree import workers
+from downloader.proctree import running, workers
 from tests.conftest import (
     clean_env,
     image_files,
@@ -230,3 +230,28 @@ def test_a_retried_shard_does_not_glue_its_first_record_to_a_torn_line(tmp_path:
     writer.write(second)
     writer.close()
     assert [o.line for o, _ in read_lines(journal)] == [1, 2]
+
+
+def test_workers_come_from_a_fork_server_reaped_before_the_parent_exits(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """The workers are forked from one server (their imports done once, while the parent
+    sets up); the parent waits for it before it exits, so the CPU of the server and of
+    its workers counts in the parent's RUSAGE_CHILDREN (what time and the bench read)."""
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/slow/100/{n}" for n in range(60)])
+    proc = _start(listing, tmp_path / "out", "--shard-size", "20", "--concurrency", "4")
+    try:
+        wait_for(lambda: len(workers(proc.pid)) == 2)
+        forked_from = {_parent_of(pid) for pid in workers(proc.pid)}
+        assert len(forked_from) == 1 and proc.pid not in forked_from, forked_from
+        (fork_server,) = forked_from
+        assert _parent_of(fork_server) == proc.pid
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    assert not running(fork_server)  # gone already: reaped by the parent, not left behind
+    assert read_summary(tmp_path / "out")["saved"] == 60
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

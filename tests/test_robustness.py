@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from downloader.devserver import DevServer
-from downloader.proctree import workers
+from downloader.proctree import descendants, running, workers
 from tests.conftest import clean_env, read_manifest, read_summary, run_cli, start_cli, write_list
 from tests.rawserver import RawServer
 
@@ -113,6 +113,9 @@ def test_parent_killed_leaves_no_worker_behind(server: DevServer, tmp_path: Path
         time.sleep(0.05)
     worker_pids = workers(proc.pid)
     assert worker_pids
+    # the fork server the workers come from, and multiprocessing's resource tracker
+    helpers = [pid for pid in descendants(proc.pid) if pid not in (proc.pid, *worker_pids)]
+    assert len(helpers) == 2, helpers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(5)
     time.sleep(3)  # a worker notices within 0.1 s, then finishes what is in flight
@@ -122,6 +125,7 @@ def test_parent_killed_leaves_no_worker_behind(server: DevServer, tmp_path: Path
     assert seen < 400
     orphans = [pid for pid in worker_pids if os.path.exists(f"/proc/{pid}")]
     assert orphans == []  # and the idle workers left instead of waiting forever
+    assert [pid for pid in helpers if running(pid)] == []  # and the helpers after them
 
 
 def test_gzip_on_a_pipe_that_hands_over_one_byte_first(server: DevServer, tmp_path: Path) -> None:

@@ -1,0 +1,72 @@
+"""The workers' fork server, started before the parent has done anything else.
+
+A worker needs about half a second of imports (pydantic, aiohttp, the
+download machinery) before its first request. Under ``spawn`` each worker paid
+them itself, after the parent had imported its own modules, read the settings
+and opened the output folder: the first image came about 0.9 s after start.
+The ``forkserver`` start method imports them once, in a server process that
+:func:`start` launches as the very first thing ``imgdl fetch`` does, so the
+imports run while the parent does its own set-up; each worker is then a
+``fork`` of that server, a few milliseconds, with every module loaded.
+
+The server is a fresh interpreter (no thread of the parent is inherited: the
+reason ``fork`` itself is not used) and stays single-threaded, so forking it
+is safe. It is started with SIGINT, SIGTERM and SIGHUP blocked: the workers it
+forks inherit the mask and ``worker.init_worker`` sets the signals to ignored
+before unblocking them, so a Ctrl-C sent to the process group cannot hit a
+worker before it is ready (see ``Runner._submit`` for the same under spawn).
+
+This module imports nothing of imgdl's: it runs before the command line is
+parsed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.forkserver
+import signal
+import threading
+from multiprocessing.context import BaseContext
+
+#: The start method of the worker processes.
+START_METHOD = "forkserver"
+#: What the server imports before it forks the first worker: all that a worker
+#: runs (a child also runs the ``imgdl`` script, which imports only ``launch``).
+PRELOAD = ["downloader.worker", "downloader.shardrun", "uvloop"]
+#: The signals that stop a run: the parent's to handle (exit code 128 + the number;
+#: SIGHUP, a closed terminal, unless it was ignored when imgdl started, as by nohup).
+#: Blocked in the server, so in every worker until ``worker.init_worker`` ignores them.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+def context() -> BaseContext:
+    """The multiprocessing context of the workers, its server started (once)."""
+    mp = multiprocessing.get_context(START_METHOD)
+    start()
+    return mp
+
+
+def start() -> None:
+    """Launch the fork server now, if it is not running yet; returns at once (the
+    server imports in the background; the first worker start waits for it)."""
+    multiprocessing.get_context(START_METHOD).set_forkserver_preload(PRELOAD)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def reap_in_background() -> threading.Thread:
+    """Let the server go once the pool is shut down, and wait for it in a thread.
+
+    It exits when no process holds it any more (the parent, and workers that are
+    gone by now). Waiting for it makes its CPU time, and its workers', count in
+    the parent's ``RUSAGE_CHILDREN`` (what ``time`` and bench/measure.py read);
+    a thread, because its own exit takes some 50 ms that the parent spends on
+    the manifest meanwhile. Join it before the process exits.
+    """
+    stop = multiprocessing.forkserver._forkserver._stop  # type: ignore[attr-defined]
+    thread = threading.Thread(target=stop, name="forkserver-reaper")
+    thread.start()
+    return thread
