@@ -384,7 +384,14 @@ def fetch(
                     written += f"\nimgdl: {exc}"
             if not quiet:
                 click.echo(written, err=True)
+    global fetch_finished
+    fetch_finished = True
     sys.exit(exit_code)
+
+
+#: A fetch ran to its end: records written and closed, pool and fork server gone
+#: (``launch.main`` may then leave without the interpreter's teardown).
+fetch_finished = False
 
 
 @cli.command("report", short_help="Write OUTDIR/report.html: the run's numbers as charts.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -283,3 +284,32 @@ def test_dry_run_of_one_task_counts_that_task_lines(server: DevServer, tmp_path:
 )
 def test_only_a_fetch_that_downloads_starts_the_fork_server(args: list[str], starts: bool) -> None:
     assert launch.wants_workers(args) is starts
+
+
+def test_a_finished_fetch_leaves_with_its_output_and_exit_code(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """The exit after a fetch skips the interpreter's teardown (launch.leave_now): the
+    summary still reaches a pipe whole, the exit code is the run's, and the exit hooks
+    ran (multiprocessing's resource tracker finds no semaphore left behind)."""
+    urls = [f"{server.url}/i/1.jpg", f"{server.url}/status/404/1"]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    result = run_cli("fetch", str(listing), "-o", str(out), "--log-level", "warning")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.rstrip().endswith("(1 to retry); exit 1"), result.stderr
+    assert "leaked" not in result.stderr and "Traceback" not in result.stderr
+    assert read_summary(out)["saved"] == 1
+    assert len(read_manifest(out)) == 2
+
+
+def test_leave_now_waits_for_a_thread_that_is_not_a_daemon() -> None:
+    """Such a thread would be killed by os._exit: the normal exit (which waits) is kept."""
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    try:
+        launch.leave_now(3)  # returns instead of ending this process
+    finally:
+        release.set()
+        worker.join()
