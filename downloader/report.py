@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from downloader.dedupe import Duplicates
 from downloader.outcomes import REFETCHABLE, Job, Outcome, Reason, Status
@@ -66,6 +66,69 @@ class Totals:
             self.bytes += record.get("bytes") or 0
         if refetchable(record):
             self.refetchable += 1
+
+
+class RunTally:
+    """This run's records counted as they are appended, so that the common end of a
+    run, into a folder that held no records, needs no merge.
+
+    The merge (``compact``) reads every record back and decodes it at the end: about
+    150 ms for 20,000 records, between the last download and the exit. When this
+    run's segment is the only record file (``RunState.sole_segment``) and no line
+    was recorded twice, the manifest the merge would write is that segment, byte
+    for byte: ``publish`` renames it into place and the failures file, written
+    line by line as the records came, beside it. Otherwise ``compact`` runs as
+    before. A kill leaves the segment as the source of truth either way; the part
+    file of failures is scratch, rewritten by the next run.
+    """
+
+    def __init__(self, failures_part: Path) -> None:
+        self.totals = Totals()
+        self._seen = LineSet()
+        self.repeated = False
+        self._path = failures_part
+        self._failures: TextIO | None = open(failures_part, "w", encoding="utf-8")  # noqa: SIM115
+
+    def add(self, outcome: Outcome) -> None:
+        if self.repeated:
+            return
+        key = (outcome.input, outcome.line)
+        if key in self._seen:  # the merge would keep the first: leave it to the merge
+            self.repeated = True
+            self.close()
+            return
+        self._seen.add(key)
+        record = {
+            "status": outcome.status,
+            "reason": outcome.reason,
+            "http_status": outcome.http_status,
+            "bytes": outcome.bytes,
+            "duplicate_of": outcome.duplicate_of,
+        }
+        self.totals.add(record)
+        if refetchable(record) and self._failures is not None:
+            self._failures.write(outcome.url + "\n")
+
+    def close(self) -> None:
+        if self._failures is not None:
+            self._failures.close()
+            self._failures = None
+
+    def publish(self, state: RunState, unread: Iterable[str]) -> Totals | None:
+        """The manifest and failures file of a run that is the folder's only one; None
+        (nothing done) when the merge is needed."""
+        segment = state.sole_segment()
+        if self.repeated or self._failures is None or segment is None:
+            self.close()
+            return None
+        for url in unread:
+            self._failures.write(url + "\n")
+            self.totals.refetchable += 1
+        self.close()
+        os.replace(segment, state.outdir / MANIFEST)
+        os.replace(self._path, state.outdir / FAILURES)
+        state.merged()
+        return self.totals
 
 
 def compact(
@@ -150,6 +213,7 @@ class RunReport:
         self.duplicates: Duplicates | None = None
         #: told of each outcome the parent makes itself (the workers report theirs)
         self.on_own_outcome: Callable[[Outcome], None] | None = None
+        self.tally = RunTally(state.failures_part)
 
     def record(self, outcome: Outcome, text: str | None = None) -> None:
         """Record an outcome that the parent made (an invalid line, a duplicate...)."""
@@ -159,6 +223,7 @@ class RunReport:
 
     def _append(self, outcome: Outcome, text: str | None = None) -> None:
         self.state.append(outcome, text)
+        self.tally.add(outcome)
         self.recorded += 1
         self.this_run[str(outcome.reason or outcome.status)] += 1
         if outcome.status is Status.SAVED:
@@ -206,7 +271,9 @@ class RunReport:
         if self.duplicates is not None:
             self.duplicates.close()
         self.state.close()
-        totals = compact(self.state, unread=unread)
+        totals = self.tally.publish(self.state, unread)
+        if totals is None:  # earlier records, or a line recorded twice: merge them all
+            totals = compact(self.state, unread=unread)
         elapsed = time.monotonic() - self.started
         failed = totals.by_status[Status.FAILED] > 0 or bool(input_errors)
         exit_code = (

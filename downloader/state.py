@@ -286,6 +286,10 @@ class RunState:
         self.segments_dir = self.dir / "segments"
         self.parts_dir = self.dir / "parts"
         self._segment: IO[str] | None = None
+        #: this run's segment (see sole_segment)
+        self.segment_path: Path | None = None
+        #: this run's refetchable URLs, written as its records come (see report.RunTally)
+        self.failures_part = self.dir / "failures.part"
         self.archived: Path | None = None
         self._lock_file: IO[str] | None = None
         self.validators: Validators | None = None
@@ -324,7 +328,8 @@ class RunState:
             done = LineSet()
         self._write_run_json(inputs)
         self.journal_dir.mkdir(exist_ok=True)
-        self._segment = open(self._new_segment(), "a", encoding="utf-8")  # noqa: SIM115
+        self.segment_path = self._new_segment()
+        self._segment = open(self.segment_path, "a", encoding="utf-8")  # noqa: SIM115
         return done
 
     def _lock(self) -> None:
@@ -445,6 +450,16 @@ class RunState:
             self._segment.close()
             self._segment = None
 
+    def sole_segment(self) -> Path | None:
+        """This run's segment, if it holds every record there is: no other segment (a
+        killed run's journals are folded into one of their own) and no manifest. Then
+        the merge would only copy it (see report.RunTally)."""
+        if self.segment_path is None or (self.outdir / MANIFEST).exists():
+            return None
+        if list(self.segments_dir.glob("*.jsonl")) != [self.segment_path]:
+            return None
+        return self.segment_path
+
     def merged(self) -> None:
         """The segments are in the manifest now: drop them and the scratch folders."""
         self.close()
@@ -454,6 +469,6 @@ class RunState:
             shutil.rmtree(folder, ignore_errors=True)
         if self.validators is not None:
             self.validators.close()
-        for scratch in ("dedupe.sqlite", "validators.sqlite"):
+        for scratch in ("dedupe.sqlite", "validators.sqlite", self.failures_part.name):
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / scratch).unlink()

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 from downloader.devserver import DevServer
+from downloader.outcomes import Job, Outcome, Reason
 from downloader.proctree import descendants
+from downloader.report import RunTally, Totals, counts_of, write_records
+from downloader.state import RunState, read_raw
 from tests.conftest import (
     image_files,
     kill_after_requests,
@@ -377,3 +380,70 @@ def test_a_file_put_in_place_meanwhile_is_accepted_only_if_identical(
     by_url = {r["url"]: r for r in read_manifest(out)}
     assert by_url[urls[0]]["status"] == "saved"
     assert by_url[urls[1]]["reason"] == "name_collision"
+
+
+def test_a_first_run_writes_what_the_merge_would(server: DevServer, tmp_path: Path) -> None:
+    """Into a folder with no records, the run's segment becomes the manifest as it is
+    (report.RunTally): the same bytes, failures file and counts as the merge of it."""
+    urls = [f"{server.url}/i/{n}.jpg" for n in range(6)]
+    urls += [f"{server.url}/status/404/1", "not a url", urls[0], f"{server.url}/status/503/2"]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out = tmp_path / "out"
+    result = run_cli("fetch", str(listing), "-o", str(out), "--tries", "1")
+    assert result.returncode == 1, result.stderr
+    manifest = (out / "manifest.jsonl").read_text()
+    failures = (out / "failures.txt").read_text()
+    assert sorted(r["line"] for r in read_manifest(out)) == list(range(1, 11))
+    assert failures.splitlines() == [urls[6], urls[9]]
+    assert not list((out / ".imgdl" / "segments").iterdir())
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    totals = write_records(merged, read_raw(out / "manifest.jsonl"))
+    assert (merged / "manifest.jsonl").read_text() == manifest
+    assert (merged / "failures.txt").read_text() == failures
+    summary = read_summary(out)
+    assert {k: summary[k] for k in counts_of(totals)} == json.loads(json.dumps(counts_of(totals)))
+    assert summary["by_reason"] == {"duplicate": 1, "http_error": 2, "invalid_url": 1}
+
+
+def _tally_run(out: Path, lines: list[int]) -> tuple[RunTally, Totals | None]:
+    """A run that records one outcome per line (a 404 for odd lines), then lets its
+    tally publish the records; the state folder is left as a run leaves it."""
+    listing = write_list(out.parent / "list.txt", ["http://127.0.0.1:1/x"] * 3)
+    state = RunState(out)
+    state.open([str(listing)])
+    tally = RunTally(state.failures_part)
+    for line in lines:
+        job = Job(url=f"http://127.0.0.1:1/{line}", input=str(listing), line=line)
+        if line % 2:
+            outcome = Outcome.not_saved(job, Reason.HTTP_ERROR, http_status=404)
+        else:
+            outcome = Outcome.saved(job, bytes=10)
+        state.append(outcome)
+        tally.add(outcome)
+    state.close()
+    totals = tally.publish(state, unread=["http://127.0.0.1:1/unread"])
+    state.unlock()
+    return tally, totals
+
+
+def test_the_tally_publishes_only_the_records_of_a_first_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _, totals = _tally_run(out, [1, 2, 3])  # no records before: the segment is the manifest
+    assert totals is not None
+    assert [r["line"] for r in read_manifest(out)] == [1, 2, 3]
+    assert (out / "failures.txt").read_text().splitlines() == [
+        "http://127.0.0.1:1/1",
+        "http://127.0.0.1:1/3",
+        "http://127.0.0.1:1/unread",
+    ]
+    assert dict(totals.by_reason) == {"http_error": 2}
+    assert (totals.lines, totals.bytes, totals.refetchable) == (3, 10, 3)
+    assert not (out / ".imgdl" / "failures.part").exists()
+    # a manifest is there now: the next run's records must be merged with it
+    _, again = _tally_run(out, [1])
+    assert again is None
+    # a line recorded twice in one run: the merge decides which record stands
+    (tmp_path / "b").mkdir()
+    tally, twice = _tally_run(tmp_path / "b" / "out", [1, 1])
+    assert twice is None and tally.repeated
