@@ -21,18 +21,17 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, MutableMapping
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
-from opentelemetry._logs import SeverityNumber
-from opentelemetry.sdk._logs import Logger as OtelLogger
-from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
-from opentelemetry.sdk.resources import Resource
 
 from downloader import __version__
 from downloader.outcomes import Outcome, Status
+
+if TYPE_CHECKING:  # the SDK is imported only when a signal is exported (about 40 ms)
+    from opentelemetry.sdk._logs import Logger as OtelLogger
+    from opentelemetry.sdk.resources import Resource
 
 #: Upper bound on the time a process spends flushing telemetry when it ends.
 FLUSH_SECONDS = 5.0
@@ -45,13 +44,9 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-_SEVERITY = {
-    "debug": SeverityNumber.DEBUG,
-    "info": SeverityNumber.INFO,
-    "warning": SeverityNumber.WARN,
-    "error": SeverityNumber.ERROR,
-    "critical": SeverityNumber.FATAL,
-}
+#: structlog method → OpenTelemetry SeverityNumber (its values, so that the SDK is not
+#: imported when nothing is exported)
+_SEVERITY = {"debug": 5, "info": 9, "warning": 13, "error": 17, "critical": 21}
 _otel_logger: OtelLogger | None = None
 _collector_healthy = True
 
@@ -84,6 +79,8 @@ def _to_otel(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMap
     """structlog processor: copy the record to the OpenTelemetry logger, if one is open."""
     logger = _otel_logger
     if logger is not None:
+        from opentelemetry._logs import SeverityNumber
+
         attributes = {
             k: v if isinstance(v, str | bool | int | float) else str(v)
             for k, v in event.items()
@@ -91,7 +88,7 @@ def _to_otel(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMap
         }
         logger.emit(
             timestamp=time.time_ns(),
-            severity_number=_SEVERITY.get(method, SeverityNumber.INFO),
+            severity_number=SeverityNumber(_SEVERITY.get(method, 9)),
             severity_text=method.upper(),
             body=str(event.get("event", "")),
             attributes=attributes,
@@ -168,6 +165,8 @@ def resource_attributes(role: str, task_index: int | None) -> dict[str, str | in
 
 
 def _resource(role: str, task_index: int | None) -> Resource:
+    from opentelemetry.sdk.resources import Resource
+
     resource = Resource.create(resource_attributes(role, task_index))
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": "imgdl"}))
@@ -189,8 +188,8 @@ def _url_attributes(url: str) -> dict[str, str | int]:
 class Telemetry:
     """One process's OpenTelemetry providers and the instruments imgdl records into.
 
-    Every signal is optional (see :func:`otlp_wanted`); with none wanted, nothing is
-    imported beyond the logs SDK and every record method returns at once.
+    Every signal is optional (see :func:`otlp_wanted`); with none wanted, nothing of
+    OpenTelemetry is imported and every record method returns at once.
     """
 
     def __init__(self, role: str, task_index: int | None = None) -> None:
@@ -208,6 +207,8 @@ class Telemetry:
         # Imported lazily: the exporters pull in requests and protobuf.
         if "logs" in wanted:
             from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+            from opentelemetry.sdk._logs import LoggerProvider
+            from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 
             logs = LoggerProvider(resource=resource, shutdown_on_exit=False)
             logs.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter()))
