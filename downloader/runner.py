@@ -396,7 +396,7 @@ class Runner:
                 run_token=secrets.token_hex(4),  # a killed run's journals never clash
             )
             self._drive(cutter, report)
-            reaper = prestart.reap_in_background()
+            prestart.reap()
             for job in cutter.pending:  # read, but the run stopped before sending them
                 report.record(Outcome.not_saved(job, Reason.INTERRUPTED, error="stopped"))
             for _, _, job in self._later:  # failed once at least; stopped before a retry
@@ -421,7 +421,6 @@ class Runner:
             )
             if self.target is not None:
                 self._publish(summary)
-            reaper.join()
         except OSError as exc:  # our own records cannot be written: disk full, gone
             raise ImgdlError(
                 f"cannot write the run's records in {self.records_dir}: {exc.strerror or exc}; "
