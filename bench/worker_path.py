@@ -104,7 +104,9 @@ async def _round(n: int, out: Path, bodies: list[bytes]) -> float:
         extra: dict[str, Any] = {"checked_dirs": checked} if shared else {}
         return Store(out, settings.output.name_template, probe=False, **extra)
 
-    fetcher = Fetcher(None, new_store(), settings)  # type: ignore[arg-type]
+    # older versions took an aiohttp session first
+    old = "session" in inspect.signature(Fetcher).parameters
+    fetcher = Fetcher(*([None] if old else []), new_store(), settings)  # type: ignore[arg-type]
     journal = Journal(out / "journal.jsonl")
     jobs = [Job(url=f"http://127.0.0.1:1/img/{i:06d}.jpg", input="u.txt", line=i) for i in range(n)]
     responses = [_Response(bodies[i % len(bodies)]) for i in range(n)]

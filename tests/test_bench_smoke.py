@@ -62,3 +62,18 @@ def test_resize_row_is_verified_by_decoding_at_the_target_size(tmp_path: Path) -
     Image.new("RGB", (300, 200)).save(tmp_path / "sized" / "b.jpg")
     (tmp_path / "sized" / "c.jpg").write_bytes(b"\xff\xd8\xff not a whole jpeg")
     assert verify_resized(tmp_path / "sized") == 1
+
+
+def test_the_worker_path_benchmark_runs(tmp_path: Path) -> None:
+    """bench/worker_path.py drives the Fetcher with fake responses: it broke once when
+    the Fetcher's arguments changed, unnoticed until someone ran it."""
+    result = subprocess.run(
+        [sys.executable, "bench/worker_path.py", "300", "1", str(tmp_path / "none")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "us/img, median" in result.stdout
