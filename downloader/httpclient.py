@@ -439,7 +439,14 @@ class HttpClient:
         scheme, host, port = key
         tls = self._ssl_context() if scheme == "https" else None
         failures: list[str] = []
-        for family, address in await self.guard.addresses(host, port):
+        try:  # a DNS server that does not answer must not hold the request past its deadline
+            async with asyncio.timeout_at(deadline):
+                addresses = await self.guard.addresses(host, port)
+        except TimeoutError:
+            raise TimeoutError(
+                f"resolving {host} took longer than http.total_timeout ({self.total_timeout:g} s)"
+            ) from None
+        for family, address in addresses:
             left = deadline - self.loop.time()
             try:
                 async with asyncio.timeout(min(self.connect_timeout, left)):

@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import clean_env, image_files, read_manifest, run_cli, write_list
+from tests.conftest import (
+    clean_env,
+    image_files,
+    read_manifest,
+    run_cli,
+    run_in_namespace,
+    write_list,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, int], Awaitable[bool]]
 Starter = Callable[..., "ScriptedServer"]
@@ -375,3 +382,17 @@ def test_a_worker_loads_aiohttp_only_for_what_needs_it() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
+def test_a_dns_server_that_never_answers_ends_at_the_total_timeout(client: str) -> None:
+    """A name whose DNS server takes every query and answers none: the request ends at
+    ``http.total_timeout`` as a timeout, not when the C library's resolver gives up (a
+    connection_error seconds later). In a namespace of its own (dns_hang_scenario.py)."""
+    result = run_in_namespace("dns_hang_scenario.py", "--http-client", client)
+    assert result["queries"] >= 1, result  # the resolver really asked the silent server
+    [(reason, error)] = result["records"]
+    assert reason == "timeout", result
+    if client == "builtin":
+        assert "http.total_timeout" in error, error
+    assert "Traceback" not in result["stderr_tail"]
