@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 from multiprocessing.context import BaseContext
@@ -49,8 +50,14 @@ def context() -> BaseContext:
 
 def start() -> None:
     """Launch the fork server now, if it is not running yet; returns at once (the
-    server imports in the background; the first worker start waits for it)."""
+    server imports in the background; the first worker start waits for it).
+
+    The resource tracker is started first: its own start unblocks SIGINT and SIGTERM
+    in this process once it has spawned the tracker (bpo-33613), which would leave
+    the server (and every worker) with only SIGHUP blocked.
+    """
     multiprocessing.get_context(START_METHOD).set_forkserver_preload(PRELOAD)
+    multiprocessing.resource_tracker.ensure_running()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         multiprocessing.forkserver.ensure_running()

@@ -255,3 +255,30 @@ def test_workers_come_from_a_fork_server_reaped_before_the_parent_exits(
 
 def _parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _blocked_signals(pid: int) -> set[int]:
+    """The signals blocked in process ``pid`` (SigBlk of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask & (1 << (n - 1))}
+    raise AssertionError(f"no SigBlk in /proc/{pid}/status")
+
+
+def test_the_fork_server_keeps_the_stop_signals_blocked(server: DevServer, tmp_path: Path) -> None:
+    """Every worker is a fork of the server and inherits its signal mask: SIGINT,
+    SIGTERM and SIGHUP must be blocked there, so that a Ctrl-C to the process group
+    cannot hit a worker before init_worker ignores them (nor the server mid-import).
+    Starting the resource tracker unblocked SIGINT and SIGTERM in the parent just
+    before the server was spawned, leaving it only SIGHUP."""
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/slow/100/{n}" for n in range(40)])
+    proc = _start(listing, tmp_path / "out", "--concurrency", "4")
+    try:
+        wait_for(lambda: len(workers(proc.pid)) >= 1)
+        (fork_server,) = {_parent_of(pid) for pid in workers(proc.pid)}
+        blocked = _blocked_signals(fork_server)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    assert {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} <= blocked, sorted(blocked)
