@@ -83,7 +83,10 @@ class Response:
         length = self._headers.get("Content-Length")
         if length is not None and length.strip().isdigit():
             self.content_length = int(length)
-        self._chunked = "chunked" in self._headers.get("Transfer-Encoding", "").lower()
+        # framed by chunks only if chunked is the last coding (RFC 9112 6.3): else the
+        # body runs to the connection's end, as the parser reads it
+        codings = ",".join(self._headers.getall("Transfer-Encoding", ())).lower()
+        self._chunked = codings.rsplit(",", 1)[-1].strip() == "chunked"
         self.head_done = True
         self._wake()
 

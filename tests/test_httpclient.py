@@ -192,9 +192,10 @@ def test_a_connection_the_server_dropped_while_idle_is_replaced(
 def test_bodies_framed_every_way_arrive_whole(
     scripted: Callable[[Handler], ScriptedServer], tmp_path: Path
 ) -> None:
-    """Until the connection closes (no length), chunked, an interim 100 Continue first,
-    more bytes than Content-Length (the connection is not used again), and a body of
-    5.6 MB that fills the client's buffer many times over."""
+    """Until the connection closes (no length, or a Transfer-Encoding whose last coding
+    is not chunked), chunked, an interim 100 Continue first, more bytes than
+    Content-Length (the connection is not used again), and a body of 5.6 MB that fills
+    the client's buffer many times over."""
 
     async def framed(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, n: int
@@ -211,6 +212,8 @@ def test_bodies_framed_every_way_arrive_whole(
             writer.write(b"0\r\n\r\n")
         elif kind == "continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + _head(len(body)) + body)
+        elif kind == "coded":  # chunked is not the last coding: the body runs to the end
+            writer.write(_head(None, "Transfer-Encoding: chunked", "Transfer-Encoding: x") + body)
         elif kind == "extra":
             writer.write(_head(len(body)) + body + b"trailing garbage the server should not send")
         else:  # big
@@ -225,7 +228,7 @@ def test_bodies_framed_every_way_arrive_whole(
     urls = [
         server.url(f"/{kind}/{i}.png")
         for i in range(6)
-        for kind in ("close", "chunked", "continue", "extra")
+        for kind in ("close", "chunked", "continue", "extra", "coded")
     ] + [server.url("/big/big.png")]
     records, out, _ = _fetch(tmp_path, urls, "--processes", "1", "--concurrency", "3")
     assert len(records) == len(urls)
