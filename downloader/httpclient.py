@@ -203,6 +203,15 @@ class _Connection(asyncio.Protocol):
         self.loop = pool.loop
         self.transport: Any = None  # uvloop's transports are not asyncio's classes
         self.parser = httptools.HttpResponseParser(self)
+        # As aiohttp parses responses (outside its debug mode): servers that end lines
+        # with a bare LF, fold header lines (obs-fold) or put a control character in a
+        # header are common enough on the web that refusing them loses images; a NUL in
+        # a value is still refused (on_header).
+        self.parser.set_dangerous_leniencies(
+            lenient_headers=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+        )
         self.response: Response | None = None
         self.usable = True
         self.idle_since = 0.0
@@ -255,15 +264,22 @@ class _Connection(asyncio.Protocol):
             response._fail(ProtocolError(f"a header line longer than {MAX_HEADER_LINE} bytes"))
             self.close()
             return
+        if b"\0" in value:  # lenient parsing lets it through; RFC 9110 5.5 forbids it
+            response._fail(ProtocolError(f"a NUL byte in the value of header {name!r}"))
+            self.close()
+            return
         self._header_bytes += len(name) + len(value) + 4
         response._headers.add(
-            name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+            name.decode("utf-8", "surrogateescape"),
+            value.rstrip(b" \t").decode("utf-8", "surrogateescape"),  # OWS after the value
         )
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
         status = self.parser.get_status_code()
+        if response._error is not None:  # a header refused above: no head to hand out
+            return
         if self._header_bytes > MAX_HEAD_BYTES:  # a whole head that came in one read
             response._fail(ProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes"))
             self.close()

@@ -105,6 +105,11 @@ def _image_of(path: str) -> bytes:
     return BIG if name == "big" else SMALL[int(name) % len(SMALL)]
 
 
+def _kind_and_body(path: str) -> tuple[str, bytes]:
+    """``/KIND/N.png``: the case a handler plays, and the image it sends."""
+    return path.split("/")[1], _image_of(path)
+
+
 def _head(length: int | None, *extra: str) -> bytes:
     lines = ["HTTP/1.1 200 OK", "Content-Type: image/png", *extra]
     if length is not None:
@@ -200,8 +205,7 @@ def test_bodies_framed_every_way_arrive_whole(
     async def framed(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, n: int
     ) -> bool:
-        body = _image_of(path)
-        kind = path.split("/")[1]
+        kind, body = _kind_and_body(path)
         if kind == "close":
             writer.write(_head(None, "Connection: close") + body)
         elif kind == "chunked":
@@ -399,3 +403,44 @@ def test_a_dns_server_that_never_answers_ends_at_the_total_timeout(client: str) 
     if client == "builtin":
         assert "http.total_timeout" in error, error
     assert "Traceback" not in result["stderr_tail"]
+
+
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
+def test_sloppy_but_common_answers_are_read_as_aiohttp_reads_them(
+    scripted: Callable[[Handler], ScriptedServer], tmp_path: Path, client: str
+) -> None:
+    """Lines ended by a bare LF, a folded header line (obs-fold, here the X-Robots-Tag
+    that must still be obeyed), a chunk size followed by a space and a control
+    character in a header value: aiohttp reads them all (its response parser is
+    lenient), so the builtin client must too. A NUL in a header value is refused."""
+
+    async def sloppy(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, n: int
+    ) -> bool:
+        kind, body = _kind_and_body(path)
+        if kind == "lf":
+            writer.write(_head(len(body)).replace(b"\r\n", b"\n") + body)
+        elif kind == "fold":
+            writer.write(_head(len(body), "X-Robots-Tag: nofollow,", " noai") + body)
+        elif kind == "chunk":
+            size = f"{len(body):x} \r\n".encode()
+            writer.write(_head(None, "Transfer-Encoding: chunked") + size + body + b"\r\n0\r\n\r\n")
+        elif kind == "ctl":
+            writer.write(_head(len(body), "X-Served-By: cache\x01edge") + body)
+        else:  # nul
+            writer.write(_head(len(body), "X-Served-By: cache\x00edge") + body)
+        await writer.drain()
+        return kind != "lf"  # after a bare-LF answer, hang up: no keep-alive to trust
+
+    server = scripted(sloppy)
+    urls = {
+        kind: server.url(f"/{kind}/{i}.png")
+        for i, kind in enumerate(("lf", "fold", "chunk", "ctl", "nul"))
+    }
+    records, out, _ = _fetch(tmp_path, list(urls.values()), IMGDL_HTTP_CLIENT=client)
+    fold = records.pop(urls["fold"])
+    assert (fold["status"], fold["reason"]) == ("skipped", "opted_out"), fold
+    assert "noai" in str(fold["error"])
+    nul = records.pop(urls["nul"])
+    assert (nul["status"], nul["reason"]) == ("failed", "protocol_error"), nul
+    _saved_as_sent(records, out)
