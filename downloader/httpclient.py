@@ -29,6 +29,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from downloader.hostrules import basic_authorization
 from downloader.httperrors import (
     ConnectError,
     ProtocolError,
@@ -401,6 +402,11 @@ class HttpClient:
         given = {name.lower() for name in headers}
         if "host" not in given:
             lines.append(f"Host: {url.host_port_subcomponent}\r\n")
+        if url.raw_user is not None and "authorization" not in given:
+            # credentials in the URL (http://user:password@host/...), sent as aiohttp,
+            # curl and wget send them; a host rule's auth comes first
+            basic = basic_authorization(url.user or "", url.password or "")
+            lines.append(_header_value("Authorization", basic))
         if given & self._defaults.keys():
             lines += [_header_value(n, v) for k, (n, v) in self._defaults.items() if k not in given]
         else:

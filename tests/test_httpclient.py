@@ -15,10 +15,12 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from PIL import Image
 
+from downloader.devserver import DevServer
 from tests.conftest import (
     clean_env,
     image_files,
@@ -444,3 +446,18 @@ def test_sloppy_but_common_answers_are_read_as_aiohttp_reads_them(
     nul = records.pop(urls["nul"])
     assert (nul["status"], nul["reason"]) == ("failed", "protocol_error"), nul
     _saved_as_sent(records, out)
+
+
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
+def test_credentials_in_the_url_are_sent(server: DevServer, tmp_path: Path, client: str) -> None:
+    """``http://user:password@host/...``: the credentials go as basic auth (as aiohttp,
+    curl and wget send them), percent-escapes decoded; a wrong password gets the 401."""
+    server.basic_auth = ("dev", "p@ss:w rd")
+    user, password = server.basic_auth
+    port = server.url.rsplit(":", 1)[1]
+    good = f"http://{user}:{quote(password, safe='')}@127.0.0.1:{port}/auth/basic/1"
+    bad = f"http://{user}:wrong@127.0.0.1:{port}/auth/basic/2"
+    records, out, _ = _fetch(tmp_path, [good, bad], IMGDL_HTTP_CLIENT=client)
+    assert records[good]["status"] == "saved", records[good]
+    assert (out / str(records[good]["path"])).is_file()
+    assert (records[bad]["reason"], records[bad]["http_status"]) == ("http_error", 401)
