@@ -471,8 +471,11 @@ class HttpClient:
             raise TimeoutError(
                 f"resolving {host} took longer than http.total_timeout ({self.total_timeout:g} s)"
             ) from None
-        for family, address in addresses:
+        timed_out = False
+        for family, address in addresses:  # each in turn, as aiohttp's connector does
             left = deadline - self.loop.time()
+            if left <= 0:
+                break
             try:
                 async with asyncio.timeout(min(self.connect_timeout, left)):
                     _, connection = await self.loop.create_connection(
@@ -483,11 +486,10 @@ class HttpClient:
                         ssl=tls,
                         server_hostname=host if tls else None,
                     )
-            except TimeoutError:
-                raise TimeoutError(
-                    f"connecting to {host}:{port} took longer than http.connect_timeout "
-                    f"({self.connect_timeout:g} s)"
-                ) from None
+            except TimeoutError:  # a black-holed address (broken IPv6, say): the next one
+                failures.append(f"{address}: no answer in {min(self.connect_timeout, left):g} s")
+                timed_out = True
+                continue
             except ssl.SSLCertVerificationError as exc:
                 raise TlsError(
                     f"{host}:{port}: {exc.verify_message or exc} (a private CA? trust it with "
@@ -499,7 +501,18 @@ class HttpClient:
                 failures.append(f"{address}: {exc.strerror or exc}")
                 continue
             return connection
-        raise ConnectError(f"cannot connect to {host}:{port} ({'; '.join(failures)})")
+        tried = "; ".join(failures)
+        if deadline - self.loop.time() <= 0:
+            raise TimeoutError(
+                f"the request took longer than http.total_timeout while connecting to "
+                f"{host}:{port} ({tried or 'no address tried'})"
+            )
+        if timed_out:
+            raise TimeoutError(
+                f"connecting to {host}:{port} took longer than http.connect_timeout "
+                f"({self.connect_timeout:g} s): {tried}"
+            )
+        raise ConnectError(f"cannot connect to {host}:{port} ({tried})")
 
     async def close(self) -> None:
         for pool in self._idle.values():

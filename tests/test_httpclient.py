@@ -461,3 +461,15 @@ def test_credentials_in_the_url_are_sent(server: DevServer, tmp_path: Path, clie
     assert records[good]["status"] == "saved", records[good]
     assert (out / str(records[good]["path"])).is_file()
     assert (records[bad]["reason"], records[bad]["http_status"]) == ("http_error", 401)
+
+
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
+def test_an_address_that_never_answers_is_passed_over_for_the_next(client: str) -> None:
+    """A name with two addresses whose first never answers a connection (a full
+    backlog drops the SYN): after http.connect_timeout the next address is tried and
+    the image saved, as aiohttp's connector does (two_address_scenario.py)."""
+    result = run_in_namespace("two_address_scenario.py", "--http-client", client)
+    assert result["order"] == ["127.0.0.1", "127.0.0.2"], result  # the silent one first
+    [(status, reason, error)] = result["records"]
+    assert status == "saved", (reason, error)
+    assert "Traceback" not in result["stderr_tail"]
