@@ -29,6 +29,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from downloader.hostrules import basic_authorization
 from downloader.httperrors import (
     ConnectError,
     ProtocolError,
@@ -83,7 +84,10 @@ class Response:
         length = self._headers.get("Content-Length")
         if length is not None and length.strip().isdigit():
             self.content_length = int(length)
-        self._chunked = "chunked" in self._headers.get("Transfer-Encoding", "").lower()
+        # framed by chunks only if chunked is the last coding (RFC 9112 6.3): else the
+        # body runs to the connection's end, as the parser reads it
+        codings = ",".join(self._headers.getall("Transfer-Encoding", ())).lower()
+        self._chunked = codings.rsplit(",", 1)[-1].strip() == "chunked"
         self.head_done = True
         self._wake()
 
@@ -200,6 +204,15 @@ class _Connection(asyncio.Protocol):
         self.loop = pool.loop
         self.transport: Any = None  # uvloop's transports are not asyncio's classes
         self.parser = httptools.HttpResponseParser(self)
+        # As aiohttp parses responses (outside its debug mode): servers that end lines
+        # with a bare LF, fold header lines (obs-fold) or put a control character in a
+        # header are common enough on the web that refusing them loses images; a NUL in
+        # a value is still refused (on_header).
+        self.parser.set_dangerous_leniencies(
+            lenient_headers=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+        )
         self.response: Response | None = None
         self.usable = True
         self.idle_since = 0.0
@@ -252,15 +265,22 @@ class _Connection(asyncio.Protocol):
             response._fail(ProtocolError(f"a header line longer than {MAX_HEADER_LINE} bytes"))
             self.close()
             return
+        if b"\0" in value:  # lenient parsing lets it through; RFC 9110 5.5 forbids it
+            response._fail(ProtocolError(f"a NUL byte in the value of header {name!r}"))
+            self.close()
+            return
         self._header_bytes += len(name) + len(value) + 4
         response._headers.add(
-            name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+            name.decode("utf-8", "surrogateescape"),
+            value.rstrip(b" \t").decode("utf-8", "surrogateescape"),  # OWS after the value
         )
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
         status = self.parser.get_status_code()
+        if response._error is not None:  # a header refused above: no head to hand out
+            return
         if self._header_bytes > MAX_HEAD_BYTES:  # a whole head that came in one read
             response._fail(ProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes"))
             self.close()
@@ -382,6 +402,11 @@ class HttpClient:
         given = {name.lower() for name in headers}
         if "host" not in given:
             lines.append(f"Host: {url.host_port_subcomponent}\r\n")
+        if url.raw_user is not None and "authorization" not in given:
+            # credentials in the URL (http://user:password@host/...), sent as aiohttp,
+            # curl and wget send them; a host rule's auth comes first
+            basic = basic_authorization(url.user or "", url.password or "")
+            lines.append(_header_value("Authorization", basic))
         if given & self._defaults.keys():
             lines += [_header_value(n, v) for k, (n, v) in self._defaults.items() if k not in given]
         else:
@@ -439,8 +464,18 @@ class HttpClient:
         scheme, host, port = key
         tls = self._ssl_context() if scheme == "https" else None
         failures: list[str] = []
-        for family, address in await self.guard.addresses(host, port):
+        try:  # a DNS server that does not answer must not hold the request past its deadline
+            async with asyncio.timeout_at(deadline):
+                addresses = await self.guard.addresses(host, port)
+        except TimeoutError:
+            raise TimeoutError(
+                f"resolving {host} took longer than http.total_timeout ({self.total_timeout:g} s)"
+            ) from None
+        timed_out = False
+        for family, address in addresses:  # each in turn, as aiohttp's connector does
             left = deadline - self.loop.time()
+            if left <= 0:
+                break
             try:
                 async with asyncio.timeout(min(self.connect_timeout, left)):
                     _, connection = await self.loop.create_connection(
@@ -451,11 +486,10 @@ class HttpClient:
                         ssl=tls,
                         server_hostname=host if tls else None,
                     )
-            except TimeoutError:
-                raise TimeoutError(
-                    f"connecting to {host}:{port} took longer than http.connect_timeout "
-                    f"({self.connect_timeout:g} s)"
-                ) from None
+            except TimeoutError:  # a black-holed address (broken IPv6, say): the next one
+                failures.append(f"{address}: no answer in {min(self.connect_timeout, left):g} s")
+                timed_out = True
+                continue
             except ssl.SSLCertVerificationError as exc:
                 raise TlsError(
                     f"{host}:{port}: {exc.verify_message or exc} (a private CA? trust it with "
@@ -467,7 +501,18 @@ class HttpClient:
                 failures.append(f"{address}: {exc.strerror or exc}")
                 continue
             return connection
-        raise ConnectError(f"cannot connect to {host}:{port} ({'; '.join(failures)})")
+        tried = "; ".join(failures)
+        if deadline - self.loop.time() <= 0:
+            raise TimeoutError(
+                f"the request took longer than http.total_timeout while connecting to "
+                f"{host}:{port} ({tried or 'no address tried'})"
+            )
+        if timed_out:
+            raise TimeoutError(
+                f"connecting to {host}:{port} took longer than http.connect_timeout "
+                f"({self.connect_timeout:g} s): {tried}"
+            )
+        raise ConnectError(f"cannot connect to {host}:{port} ({tried})")
 
     async def close(self) -> None:
         for pool in self._idle.values():

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.context
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 from multiprocessing.context import BaseContext
@@ -41,21 +43,60 @@ STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def context() -> BaseContext:
-    """The multiprocessing context of the workers, its server started (once)."""
-    mp = multiprocessing.get_context(START_METHOD)
+    """The multiprocessing context of the workers, its server started (once); the
+    ``spawn`` context when no server can be started (see :func:`start`)."""
     start()
-    return mp
+    if _no_server is not None:
+        return _MaskedSpawnContext()
+    return multiprocessing.get_context(START_METHOD)
+
+
+#: Why the fork server could not be started, if it could not (workers are spawned then).
+_no_server: str | None = None
 
 
 def start() -> None:
     """Launch the fork server now, if it is not running yet; returns at once (the
-    server imports in the background; the first worker start waits for it)."""
+    server imports in the background; the first worker start waits for it).
+
+    The server listens on a socket in the temporary folder. Where none is usable (a
+    read-only root file system with no writable TMPDIR, /tmp or working directory,
+    as in a locked-down container), there is no server and the workers are spawned,
+    as before the fork server, instead of the run failing at its first line.
+
+    The resource tracker is started first: its own start unblocks SIGINT and SIGTERM
+    in this process once it has spawned the tracker (bpo-33613), which would leave
+    the server (and every worker) with only SIGHUP blocked.
+    """
+    global _no_server
+    if _no_server is not None:
+        return
     multiprocessing.get_context(START_METHOD).set_forkserver_preload(PRELOAD)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        multiprocessing.resource_tracker.ensure_running()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    except OSError as exc:  # FileNotFoundError: "No usable temporary directory found"
+        _no_server = str(exc)
+
+
+class _MaskedSpawnProcess(multiprocessing.context.SpawnProcess):
+    """A spawned worker, started with the stop signals blocked (it inherits the mask
+    and ignores them before it unblocks them, as a fork of the server does)."""
+
+    def start(self) -> None:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _MaskedSpawnContext(multiprocessing.context.SpawnContext):
+    Process = _MaskedSpawnProcess
 
 
 def reap() -> None:

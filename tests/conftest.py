@@ -94,6 +94,27 @@ def start_cli(
     )
 
 
+def run_in_namespace(script: str, *args: str) -> dict[str, Any]:
+    """Run ``tests/SCRIPT ARGS`` in a network and mount namespace of its own (``unshare
+    -n -m``: only ``lo``, nothing leaves the machine) and return the JSON object it
+    prints last; skips the test where no namespace can be made."""
+    probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {probe.stderr.decode().strip()}")
+    done = subprocess.run(
+        ["unshare", "-n", "-m", sys.executable, str(REPO / "tests" / script), *args],
+        capture_output=True,
+        text=True,
+        env={**clean_env(), "PYTHONPATH": str(REPO)},
+        timeout=180,
+        check=False,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
 def kill_9_when(proc: subprocess.Popen[bytes], condition: Callable[[], bool]) -> None:
     """SIGKILL ``proc`` and every process below it (the workers), at once, when
     ``condition`` holds (or after 30 s): a crash of the whole run, mid-way."""

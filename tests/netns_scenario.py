@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 from downloader.devserver import DevServer
 
@@ -49,6 +50,26 @@ class Listener:
             conn.close()
 
 
+def fetch_here(
+    urls: list[str], env: dict[str, str], *flags: str
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """``imgdl fetch`` of ``urls`` (one try each) in this namespace, and its records."""
+    workdir = Path(tempfile.mkdtemp())
+    listing = workdir / "urls.txt"
+    listing.write_text("\n".join(urls) + "\n")
+    command = ["fetch", str(listing), "-o", str(workdir / "out"), "--tries", "1", *flags]
+    result = subprocess.run(
+        [sys.executable, "-m", "downloader", *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+        check=False,
+    )
+    manifest = (workdir / "out" / "manifest.jsonl").read_text().splitlines()
+    return result, [json.loads(line) for line in manifest]
+
+
 def main() -> None:
     setup_namespace()
     listener = Listener()
@@ -71,30 +92,7 @@ def main() -> None:
             "loopback_by_name_not_allowed_v6": "http://[::1]:9/x.jpg",
             "allowed": f"{server.url}/i/1.jpg",
         }
-        workdir = Path(tempfile.mkdtemp())
-        listing = workdir / "urls.txt"
-        listing.write_text("\n".join(cases.values()) + "\n")
-        env = {**os.environ, "IMGDL_NETWORK_ALLOW": "[127.0.0.0/8]"}
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "downloader",
-                "fetch",
-                str(listing),
-                "-o",
-                str(workdir / "out"),
-                "--tries",
-                "1",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            check=False,
-        )
-        manifest = (workdir / "out" / "manifest.jsonl").read_text().splitlines()
-        records = [json.loads(line) for line in manifest]
+        result, records = fetch_here(list(cases.values()), {"IMGDL_NETWORK_ALLOW": "[127.0.0.0/8]"})
     by_url = {r["url"]: r for r in records}
     print(
         json.dumps(

@@ -15,11 +15,20 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from PIL import Image
 
-from tests.conftest import clean_env, image_files, read_manifest, run_cli, write_list
+from downloader.devserver import DevServer
+from tests.conftest import (
+    clean_env,
+    image_files,
+    read_manifest,
+    run_cli,
+    run_in_namespace,
+    write_list,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, int], Awaitable[bool]]
 Starter = Callable[..., "ScriptedServer"]
@@ -96,6 +105,11 @@ class ScriptedServer:
 def _image_of(path: str) -> bytes:
     name = path.rsplit("/", 1)[-1].split(".")[0]
     return BIG if name == "big" else SMALL[int(name) % len(SMALL)]
+
+
+def _kind_and_body(path: str) -> tuple[str, bytes]:
+    """``/KIND/N.png``: the case a handler plays, and the image it sends."""
+    return path.split("/")[1], _image_of(path)
 
 
 def _head(length: int | None, *extra: str) -> bytes:
@@ -185,15 +199,15 @@ def test_a_connection_the_server_dropped_while_idle_is_replaced(
 def test_bodies_framed_every_way_arrive_whole(
     scripted: Callable[[Handler], ScriptedServer], tmp_path: Path
 ) -> None:
-    """Until the connection closes (no length), chunked, an interim 100 Continue first,
-    more bytes than Content-Length (the connection is not used again), and a body of
-    5.6 MB that fills the client's buffer many times over."""
+    """Until the connection closes (no length, or a Transfer-Encoding whose last coding
+    is not chunked), chunked, an interim 100 Continue first, more bytes than
+    Content-Length (the connection is not used again), and a body of 5.6 MB that fills
+    the client's buffer many times over."""
 
     async def framed(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, n: int
     ) -> bool:
-        body = _image_of(path)
-        kind = path.split("/")[1]
+        kind, body = _kind_and_body(path)
         if kind == "close":
             writer.write(_head(None, "Connection: close") + body)
         elif kind == "chunked":
@@ -204,6 +218,8 @@ def test_bodies_framed_every_way_arrive_whole(
             writer.write(b"0\r\n\r\n")
         elif kind == "continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + _head(len(body)) + body)
+        elif kind == "coded":  # chunked is not the last coding: the body runs to the end
+            writer.write(_head(None, "Transfer-Encoding: chunked", "Transfer-Encoding: x") + body)
         elif kind == "extra":
             writer.write(_head(len(body)) + body + b"trailing garbage the server should not send")
         else:  # big
@@ -218,7 +234,7 @@ def test_bodies_framed_every_way_arrive_whole(
     urls = [
         server.url(f"/{kind}/{i}.png")
         for i in range(6)
-        for kind in ("close", "chunked", "continue", "extra")
+        for kind in ("close", "chunked", "continue", "extra", "coded")
     ] + [server.url("/big/big.png")]
     records, out, _ = _fetch(tmp_path, urls, "--processes", "1", "--concurrency", "3")
     assert len(records) == len(urls)
@@ -375,3 +391,85 @@ def test_a_worker_loads_aiohttp_only_for_what_needs_it() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
+def test_a_dns_server_that_never_answers_ends_at_the_total_timeout(client: str) -> None:
+    """A name whose DNS server takes every query and answers none: the request ends at
+    ``http.total_timeout`` as a timeout, not when the C library's resolver gives up (a
+    connection_error seconds later). In a namespace of its own (dns_hang_scenario.py)."""
+    result = run_in_namespace("dns_hang_scenario.py", "--http-client", client)
+    assert result["queries"] >= 1, result  # the resolver really asked the silent server
+    [(reason, error)] = result["records"]
+    assert reason == "timeout", result
+    if client == "builtin":
+        assert "http.total_timeout" in error, error
+    assert "Traceback" not in result["stderr_tail"]
+
+
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
+def test_sloppy_but_common_answers_are_read_as_aiohttp_reads_them(
+    scripted: Callable[[Handler], ScriptedServer], tmp_path: Path, client: str
+) -> None:
+    """Lines ended by a bare LF, a folded header line (obs-fold, here the X-Robots-Tag
+    that must still be obeyed), a chunk size followed by a space and a control
+    character in a header value: aiohttp reads them all (its response parser is
+    lenient), so the builtin client must too. A NUL in a header value is refused."""
+
+    async def sloppy(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, n: int
+    ) -> bool:
+        kind, body = _kind_and_body(path)
+        if kind == "lf":
+            writer.write(_head(len(body)).replace(b"\r\n", b"\n") + body)
+        elif kind == "fold":
+            writer.write(_head(len(body), "X-Robots-Tag: nofollow,", " noai") + body)
+        elif kind == "chunk":
+            size = f"{len(body):x} \r\n".encode()
+            writer.write(_head(None, "Transfer-Encoding: chunked") + size + body + b"\r\n0\r\n\r\n")
+        elif kind == "ctl":
+            writer.write(_head(len(body), "X-Served-By: cache\x01edge") + body)
+        else:  # nul
+            writer.write(_head(len(body), "X-Served-By: cache\x00edge") + body)
+        await writer.drain()
+        return kind != "lf"  # after a bare-LF answer, hang up: no keep-alive to trust
+
+    server = scripted(sloppy)
+    urls = {
+        kind: server.url(f"/{kind}/{i}.png")
+        for i, kind in enumerate(("lf", "fold", "chunk", "ctl", "nul"))
+    }
+    records, out, _ = _fetch(tmp_path, list(urls.values()), IMGDL_HTTP_CLIENT=client)
+    fold = records.pop(urls["fold"])
+    assert (fold["status"], fold["reason"]) == ("skipped", "opted_out"), fold
+    assert "noai" in str(fold["error"])
+    nul = records.pop(urls["nul"])
+    assert (nul["status"], nul["reason"]) == ("failed", "protocol_error"), nul
+    _saved_as_sent(records, out)
+
+
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
+def test_credentials_in_the_url_are_sent(server: DevServer, tmp_path: Path, client: str) -> None:
+    """``http://user:password@host/...``: the credentials go as basic auth (as aiohttp,
+    curl and wget send them), percent-escapes decoded; a wrong password gets the 401."""
+    server.basic_auth = ("dev", "p@ss:w rd")
+    user, password = server.basic_auth
+    port = server.url.rsplit(":", 1)[1]
+    good = f"http://{user}:{quote(password, safe='')}@127.0.0.1:{port}/auth/basic/1"
+    bad = f"http://{user}:wrong@127.0.0.1:{port}/auth/basic/2"
+    records, out, _ = _fetch(tmp_path, [good, bad], IMGDL_HTTP_CLIENT=client)
+    assert records[good]["status"] == "saved", records[good]
+    assert (out / str(records[good]["path"])).is_file()
+    assert (records[bad]["reason"], records[bad]["http_status"]) == ("http_error", 401)
+
+
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
+def test_an_address_that_never_answers_is_passed_over_for_the_next(client: str) -> None:
+    """A name with two addresses whose first never answers a connection (a full
+    backlog drops the SYN): after http.connect_timeout the next address is tried and
+    the image saved, as aiohttp's connector does (two_address_scenario.py)."""
+    result = run_in_namespace("two_address_scenario.py", "--http-client", client)
+    assert result["order"] == ["127.0.0.1", "127.0.0.2"], result  # the silent one first
+    [(status, reason, error)] = result["records"]
+    assert status == "saved", (reason, error)
+    assert "Traceback" not in result["stderr_tail"]

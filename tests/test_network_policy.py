@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from downloader.devserver import DevServer
 from downloader.netpolicy import BlockedAddressError, NetworkPolicy, parse_host
-from tests.conftest import REPO, clean_env, read_manifest, run_cli, write_list
+from tests.conftest import clean_env, read_manifest, run_cli, run_in_namespace, write_list
 
 
 @pytest.mark.parametrize(
@@ -95,21 +92,7 @@ def test_redirects_are_capped_and_checked(server: DevServer, tmp_path: Path) -> 
 
 
 def test_metadata_is_never_reached_in_a_namespace_of_its_own() -> None:
-    probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot create a network namespace here: {probe.stderr.decode().strip()}")
-    env = {**clean_env(), "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        ["unshare", "-n", "-m", sys.executable, str(REPO / "tests" / "netns_scenario.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-        check=False,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_in_namespace("netns_scenario.py")
     assert result["metadata_connections"] == 0, result
     outcomes = result["outcomes"]
     assert outcomes.pop("allowed")[0] is None  # saved: the guard lets allowed traffic through

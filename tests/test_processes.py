@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -255,3 +256,74 @@ def test_workers_come_from_a_fork_server_reaped_before_the_parent_exits(
 
 def _parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _blocked_signals(pid: int) -> set[int]:
+    """The signals blocked in process ``pid`` (SigBlk of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask & (1 << (n - 1))}
+    raise AssertionError(f"no SigBlk in /proc/{pid}/status")
+
+
+def test_the_fork_server_keeps_the_stop_signals_blocked(server: DevServer, tmp_path: Path) -> None:
+    """Every worker is a fork of the server and inherits its signal mask: SIGINT,
+    SIGTERM and SIGHUP must be blocked there, so that a Ctrl-C to the process group
+    cannot hit a worker before init_worker ignores them (nor the server mid-import).
+    Starting the resource tracker unblocked SIGINT and SIGTERM in the parent just
+    before the server was spawned, leaving it only SIGHUP."""
+    listing = write_list(tmp_path / "u.txt", [f"{server.url}/slow/100/{n}" for n in range(40)])
+    proc = _start(listing, tmp_path / "out", "--concurrency", "4")
+    try:
+        wait_for(lambda: len(workers(proc.pid)) >= 1)
+        (fork_server,) = {_parent_of(pid) for pid in workers(proc.pid)}
+        blocked = _blocked_signals(fork_server)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    assert {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} <= blocked, sorted(blocked)
+
+
+def test_a_run_with_no_usable_temporary_folder_still_runs(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """The fork server listens on a socket in the temporary folder. Where there is none
+    to write in (TMPDIR missing, /tmp, /var/tmp and the working directory read-only, as
+    in a container with a read-only root file system), the workers are spawned as
+    before instead of the run ending in a traceback at start-up. In a mount namespace
+    of its own (``unshare -m``); the output folder is a tmpfs mounted there."""
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a mount namespace here: {probe.stderr.decode().strip()}")
+    urls = [f"{server.url}/i/{n}.jpg" for n in range(20)]
+    listing = write_list(tmp_path / "u.txt", urls)
+    out, stuck = tmp_path / "out", tmp_path / "cwd"
+    out.mkdir()
+    stuck.mkdir()
+    script = (
+        "set -e\n"
+        "for d in /tmp /var/tmp; do\n"
+        "  if [ -d $d ]; then mount --bind $d $d; mount -o remount,ro,bind $d; fi\n"
+        "done\n"
+        f"mount --bind {stuck} {stuck}; mount -o remount,ro,bind {stuck}\n"
+        f"mount -t tmpfs tmpfs {out}\n"  # after /tmp went read-only: the one place to write
+        f"cd {stuck}\n"
+        f"{sys.executable} -m downloader fetch {listing} -o {out / 'o'} --processes 2 || true\n"
+        f"cat {out / 'o' / 'manifest.jsonl'}\n"
+    )
+    env = {k: v for k, v in clean_env().items() if k not in ("TEMP", "TMP")}
+    env.update(TMPDIR="/nonexistent-tmpdir", PYTHONPATH=str(Path(__file__).parent.parent))
+    done = subprocess.run(
+        ["unshare", "-m", "bash", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert sorted(r["url"] for r in records) == sorted(urls)
+    assert all(r["status"] == "saved" for r in records), records
