@@ -15,9 +15,9 @@ import functools
 import hashlib
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from downloader.errors import UnsafeNameError
 from downloader.outcomes import Job, Outcome, Reason, Status
@@ -43,13 +43,26 @@ def _keys(url: str) -> tuple[int, int]:
     )
 
 
-def resolve(job: Job, first: Outcome) -> Outcome:
+class First(NamedTuple):
+    """What a later line with the same URL needs of the first line's outcome: the
+    compact form the table keeps (not the whole record, about 600 bytes of JSON)."""
+
+    input: str
+    line: int
+    status: str
+    reason: str | None
+    http_status: int | None
+    error: str | None
+    path: str | None
+
+
+def resolve(job: Job, first: First) -> Outcome:
     """The outcome of ``job``, a later line with the same URL as the line of ``first``."""
     where = f"{first.input}:{first.line}"
-    if first.status is Status.FAILED:
+    if first.status == Status.FAILED:
         return Outcome.not_saved(
             job,
-            first.reason or Reason.INTERNAL_ERROR,
+            Reason(first.reason) if first.reason else Reason.INTERNAL_ERROR,
             http_status=first.http_status,
             error=f"same URL as {where}, which failed: {first.error or first.reason}",
             duplicate_of=where,
@@ -106,7 +119,9 @@ class Duplicates:
             PRAGMA synchronous = OFF;
             PRAGMA cache_size = -{_CACHE_KIB};
             CREATE TABLE first (
-                h INTEGER PRIMARY KEY, h2 INTEGER NOT NULL, outcome TEXT
+                h INTEGER PRIMARY KEY, h2 INTEGER NOT NULL, input TEXT NOT NULL,
+                line INTEGER NOT NULL, status TEXT, reason TEXT, http_status INTEGER,
+                error TEXT, path TEXT
             );
             CREATE TABLE waiting (h INTEGER NOT NULL, job TEXT NOT NULL);
             CREATE TABLE stem (stem TEXT PRIMARY KEY, h INTEGER NOT NULL, line TEXT NOT NULL);
@@ -121,7 +136,7 @@ class Duplicates:
         self._waited_on = LineSet()
         self._maybe_seen = bytearray(_BITMAP_BITS // 8)
         #: new URLs not yet in the table: inserted together, before the next query
-        self._new: list[tuple[int, int, str]] = []
+        self._new: list[tuple[int, int, str, int]] = []
         self.found = 0
 
     def _tick(self, ops: int = 1) -> None:
@@ -135,7 +150,9 @@ class Duplicates:
         """One ``executemany`` for the new URLs so far: a statement per line was the
         parent's largest cost (issue 5's profile)."""
         if self._new:
-            self._db.executemany("INSERT INTO first (h, h2, outcome) VALUES (?, ?, ?)", self._new)
+            self._db.executemany(
+                "INSERT INTO first (h, h2, input, line) VALUES (?, ?, ?, ?)", self._new
+            )
             self._new = []
 
     def admit(self, job: Job) -> bool:
@@ -146,26 +163,29 @@ class Duplicates:
         row = None
         if self._maybe_seen[bit >> 3] & (1 << (bit & 7)):  # else surely new: one query saved
             self._insert_new()
-            row = self._db.execute("SELECT h2, outcome FROM first WHERE h = ?", (h,)).fetchone()
+            row = self._db.execute(
+                "SELECT h2, input, line, status, reason, http_status, error, path"
+                " FROM first WHERE h = ?",
+                (h,),
+            ).fetchone()
         if row is None:
             self._maybe_seen[bit >> 3] |= 1 << (bit & 7)
-            self._new.append((h, h2, json.dumps([job.input, job.line])))
+            self._new.append((h, h2, job.input, job.line))
             if len(self._new) >= _INSERT_BATCH:
                 self._insert_new()
             return self._name_is_free(job, h)
-        stored_h2, stored = row
-        if stored_h2 != h2:  # two URLs share 64 bits: fetch it, names differ anyway
+        if row[0] != h2:  # two URLs share 64 bits: fetch it, names differ anyway
             return self._name_is_free(job, h)
         self.found += 1
-        value = json.loads(stored)
-        if isinstance(value, dict):  # the first line's outcome is known
-            self._record(resolve(job, Outcome.from_dict(value)))
+        first = First(*row[1:])
+        if first.status is not None:  # the first line's outcome is known
+            self._record(resolve(job, first))
         else:
             self._db.execute(
                 "INSERT INTO waiting (h, job) VALUES (?, ?)",
                 (h, json.dumps([job.url, job.input, job.line, job.name, job.extra])),
             )
-            self._waited_on.add((value[0], value[1]))
+            self._waited_on.add((first.input, first.line))
         return False
 
     def _name_is_free(self, job: Job, h: int) -> bool:
@@ -212,22 +232,36 @@ class Duplicates:
             (key, _keys(job.url)[0], f"{job.input}:{job.line}"),
         )
 
-    def finished(self, outcomes: list[tuple[Outcome, str]]) -> None:
-        """Fetched lines' outcomes (with their JSON text): remember them, and record the
-        duplicates waiting for them."""
+    def finished(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Fetched lines' records (decoded JSON, or ``Outcome.to_dict``): remember what a
+        later line with the same URL needs (``First``), and record the duplicates
+        waiting for them."""
         self._insert_new()
-        keys = [_keys(outcome.url) for outcome, _ in outcomes]
+        keys = [_keys(record["url"]) for record in records]
         self._db.executemany(
-            "UPDATE first SET outcome = ? WHERE h = ? AND h2 = ?",
-            [(text, h, h2) for (_, text), (h, h2) in zip(outcomes, keys, strict=True)],
+            "UPDATE first SET status = ?, reason = ?, http_status = ?, error = ?, path = ?"
+            " WHERE h = ? AND h2 = ?",
+            [
+                (r["status"], r["reason"], r["http_status"], r["error"], r["path"], h, h2)
+                for r, (h, h2) in zip(records, keys, strict=True)
+            ],
         )
-        self._tick(len(outcomes))
-        for (outcome, _), (h, _) in zip(outcomes, keys, strict=True):
-            if (outcome.input, outcome.line) not in self._waited_on:
+        self._tick(len(records))
+        for record, (h, _) in zip(records, keys, strict=True):
+            if (record["input"], record["line"]) not in self._waited_on:
                 continue
+            first = First(
+                record["input"],
+                record["line"],
+                record["status"],
+                record["reason"],
+                record["http_status"],
+                record["error"],
+                record["path"],
+            )
             rows = self._db.execute("SELECT job FROM waiting WHERE h = ?", (h,)).fetchall()
             for (raw,) in rows:
-                self._record(resolve(_waiting_job(raw), outcome))
+                self._record(resolve(_waiting_job(raw), first))
             self._db.execute("DELETE FROM waiting WHERE h = ?", (h,))
 
     def discard(self) -> None:
