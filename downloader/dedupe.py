@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import sqlite3
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -35,12 +36,14 @@ _BITMAP_MASK = _BITMAP_BITS - 1
 _CACHE_KIB = 4 * 1024
 
 
+_TWO_KEYS = struct.Struct(">qq")
+
+
 def _keys(url: str) -> tuple[int, int]:
+    """The first two signed big-endian 64-bit words of the URL's sha256."""
     digest = hashlib.sha256(url.encode("utf-8", "surrogatepass")).digest()
-    return (
-        int.from_bytes(digest[:8], "big", signed=True),
-        int.from_bytes(digest[8:16], "big", signed=True),
-    )
+    h, h2 = _TWO_KEYS.unpack_from(digest)
+    return h, h2
 
 
 class First(NamedTuple):

@@ -285,3 +285,17 @@ def test_the_background_reader_raises_in_the_callers_thread() -> None:
     assert next(items).line == 1
     with pytest.raises(OSError, match="the disk went away"):
         next(i for i in items if i is not TICK)
+
+
+def test_a_job_pickles_with_every_field() -> None:
+    """A shard's jobs reach the worker pickled (Job.__reduce__): nothing may be lost."""
+    import dataclasses
+    import pickle
+
+    values: dict[str, Any] = {
+        f.name: (7 if f.type in ("int", int) else f"{f.name}-value")
+        for f in dataclasses.fields(Job)
+    }
+    job = Job(**values)
+    again = pickle.loads(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+    assert type(again) is Job and dataclasses.asdict(again) == values
