@@ -76,6 +76,16 @@ def resolve(job: Job, first: First) -> Outcome:
     return Outcome.not_saved(job, Reason.DUPLICATE, path=first.path, duplicate_of=where)
 
 
+def _blob(text: str | None) -> bytes | None:
+    """A record's text as it is stored: an error may quote a server's undecodable
+    bytes as lone surrogates, which SQLite's text cannot hold (``_text`` undoes it)."""
+    return None if text is None else text.encode("utf-8", "surrogatepass")
+
+
+def _text(blob: bytes | None) -> str | None:
+    return None if blob is None else blob.decode("utf-8", "surrogatepass")
+
+
 def _waiting_job(raw: str) -> Job:
     """A duplicate line kept while its first line is in flight: its own URL, place,
     name and extra columns (its record carries its own line's columns)."""
@@ -125,12 +135,12 @@ class Duplicates:
             PRAGMA synchronous = OFF;
             PRAGMA cache_size = -{_CACHE_KIB};
             CREATE TABLE first (
-                h INTEGER PRIMARY KEY, h2 INTEGER NOT NULL, input TEXT NOT NULL,
+                h INTEGER PRIMARY KEY, h2 INTEGER NOT NULL, label INTEGER NOT NULL,
                 line INTEGER NOT NULL
             );
             CREATE TABLE done (
                 k INTEGER PRIMARY KEY, status TEXT NOT NULL, reason TEXT,
-                http_status INTEGER, error TEXT, path TEXT
+                http_status INTEGER, error BLOB, path BLOB
             );
             CREATE TABLE waiting (h INTEGER NOT NULL, job TEXT NOT NULL);
             CREATE TABLE stem (stem TEXT PRIMARY KEY, h INTEGER NOT NULL, line TEXT NOT NULL);
@@ -145,9 +155,10 @@ class Duplicates:
         self._waited_on = LineSet()
         self._maybe_seen = bytearray(_BITMAP_BITS // 8)
         #: new URLs not yet in the table: inserted together, before the next query
-        self._new: list[tuple[int, int, str, int]] = []
-        #: a number per input label, for the key of a line in ``done``
+        self._new: list[tuple[int, int, int, int]] = []
+        #: a number per input label (the tables hold numbers, see ``_line_key``)
         self._labels: dict[str, int] = {}
+        self._label_of: list[str] = []
         self.found = 0
 
     def _tick(self, ops: int = 1) -> None:
@@ -157,19 +168,25 @@ class Duplicates:
             self._db.execute("BEGIN")
             self._ops = 0
 
-    def _line_key(self, label: str, line: int) -> int:
-        """A line's key in ``done``: its input's number, then its line number."""
+    def _label_number(self, label: str) -> int:
+        """The number of an input label. A label (a path from the command line) may
+        hold lone surrogates, which SQLite's text cannot."""
         number = self._labels.get(label)
         if number is None:
-            number = self._labels[label] = len(self._labels)
-        return (number << _LINE_BITS) | line
+            number = self._labels[label] = len(self._label_of)
+            self._label_of.append(label)
+        return number
+
+    def _line_key(self, label: str, line: int) -> int:
+        """A line's key in ``done``: its input's number, then its line number."""
+        return (self._label_number(label) << _LINE_BITS) | line
 
     def _insert_new(self) -> None:
         """One ``executemany`` for the new URLs so far: a statement per line was the
         parent's largest cost (issue 5's profile)."""
         if self._new:
             self._db.executemany(
-                "INSERT INTO first (h, h2, input, line) VALUES (?, ?, ?, ?)", self._new
+                "INSERT INTO first (h, h2, label, line) VALUES (?, ?, ?, ?)", self._new
             )
             self._new = []
 
@@ -181,23 +198,25 @@ class Duplicates:
         row = None
         if self._maybe_seen[bit >> 3] & (1 << (bit & 7)):  # else surely new: one query saved
             self._insert_new()
-            row = self._db.execute("SELECT h2, input, line FROM first WHERE h = ?", (h,)).fetchone()
+            row = self._db.execute("SELECT h2, label, line FROM first WHERE h = ?", (h,)).fetchone()
         if row is None:
             self._maybe_seen[bit >> 3] |= 1 << (bit & 7)
-            self._new.append((h, h2, job.input, job.line))
+            self._new.append((h, h2, self._label_number(job.input), job.line))
             if len(self._new) >= _INSERT_BATCH:
                 self._insert_new()
             return self._name_is_free(job, h)
         if row[0] != h2:  # two URLs share 64 bits: fetch it, names differ anyway
             return self._name_is_free(job, h)
         self.found += 1
-        label, line = row[1], row[2]
+        label, line = self._label_of[row[1]], row[2]
         done = self._db.execute(
             "SELECT status, reason, http_status, error, path FROM done WHERE k = ?",
             (self._line_key(label, line),),
         ).fetchone()
         if done is not None:  # the first line's outcome is known
-            self._record(resolve(job, First(label, line, *done)))
+            status, reason, http_status, error, path = done
+            first = First(label, line, status, reason, http_status, _text(error), _text(path))
+            self._record(resolve(job, first))
         else:
             self._db.execute(
                 "INSERT INTO waiting (h, job) VALUES (?, ?)",
@@ -268,8 +287,8 @@ class Duplicates:
                     r["status"],
                     r["reason"],
                     r["http_status"],
-                    r["error"],
-                    r["path"],
+                    _blob(r["error"]),
+                    _blob(r["path"]),
                 )
                 for r in records
             ],

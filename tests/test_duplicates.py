@@ -102,15 +102,17 @@ def test_duplicate_records_from_the_compact_first_line(tmp_path: Path) -> None:
     dedupe = Duplicates(tmp_path / "d.sqlite", recorded.append)
     url_ok, url_404, url_lost = (f"http://a.example/{n}.jpg" for n in range(3))
 
+    label = "l\udcff.csv"  # a file name that is not UTF-8, as Python gives it
+
     def job(url: str, line: int) -> Job:
-        return Job(url=url, input="l.csv", line=line, extra=json.dumps({"tag": f"t{line}"}))
+        return Job(url=url, input=label, line=line, extra=json.dumps({"tag": f"t{line}"}))
 
     assert dedupe.admit(job(url_ok, 1)) and dedupe.admit(job(url_404, 2))
     assert dedupe.admit(job(url_lost, 3))
     assert not dedupe.admit(job(url_ok, 4))  # waits: the first line is in flight
-    saved = Outcome.saved(job(url_ok, 1), path="ab/c.jpg", bytes=5, http_status=200)
+    saved = Outcome.saved(job(url_ok, 1), path="ab/\udcfe.jpg", bytes=5, http_status=200)
     failed = Outcome.not_saved(
-        job(url_404, 2), Reason.HTTP_ERROR, http_status=404, error="Not Found"
+        job(url_404, 2), Reason.HTTP_ERROR, http_status=404, error="Non trouv\udce9"
     )
     dedupe.finished([saved.to_dict(), failed.to_dict()])
     assert not dedupe.admit(job(url_404, 5))  # known at once
@@ -121,17 +123,17 @@ def test_duplicate_records_from_the_compact_first_line(tmp_path: Path) -> None:
 
     def want(line: int, url: str, status: Status, reason: Reason, **fields: Any) -> Outcome:
         extra = {"tag": f"t{line}"}
-        return Outcome("l.csv", line, url, status, reason, extra=extra, **fields)
+        return Outcome(label, line, url, status, reason, extra=extra, **fields)
 
-    same_as_1 = {"path": "ab/c.jpg", "duplicate_of": "l.csv:1"}
+    same_as_1 = {"path": "ab/\udcfe.jpg", "duplicate_of": f"{label}:1"}
     assert got == {
         4: want(4, url_ok, Status.SKIPPED, Reason.DUPLICATE, **same_as_1),
         6: want(6, url_ok, Status.SKIPPED, Reason.DUPLICATE, **same_as_1),
         5: want(
             *(5, url_404, Status.FAILED, Reason.HTTP_ERROR),
             http_status=404,
-            error="same URL as l.csv:2, which failed: Not Found",
-            duplicate_of="l.csv:2",
+            error=f"same URL as {label}:2, which failed: Non trouv\udce9",
+            duplicate_of=f"{label}:2",
         ),
         7: want(7, url_lost, Status.FAILED, Reason.INTERRUPTED, error="first line not done"),
     }
