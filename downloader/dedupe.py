@@ -15,9 +15,10 @@ import functools
 import hashlib
 import json
 import sqlite3
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from downloader.errors import UnsafeNameError
 from downloader.outcomes import Job, Outcome, Reason, Status
@@ -33,28 +34,56 @@ _INSERT_BATCH = 1_000
 _BITMAP_BITS = 1 << 27
 _BITMAP_MASK = _BITMAP_BITS - 1
 _CACHE_KIB = 4 * 1024
+#: A line's key in the ``done`` table: its number in the low 40 bits (a trillion
+#: lines), its input's number above.
+_LINE_BITS = 40
+
+
+_TWO_KEYS = struct.Struct(">qq")
 
 
 def _keys(url: str) -> tuple[int, int]:
+    """The first two signed big-endian 64-bit words of the URL's sha256."""
     digest = hashlib.sha256(url.encode("utf-8", "surrogatepass")).digest()
-    return (
-        int.from_bytes(digest[:8], "big", signed=True),
-        int.from_bytes(digest[8:16], "big", signed=True),
-    )
+    h, h2 = _TWO_KEYS.unpack_from(digest)
+    return h, h2
 
 
-def resolve(job: Job, first: Outcome) -> Outcome:
+class First(NamedTuple):
+    """What a later line with the same URL needs of the first line's outcome: the
+    compact form the table keeps (not the whole record, about 600 bytes of JSON)."""
+
+    input: str
+    line: int
+    status: str
+    reason: str | None
+    http_status: int | None
+    error: str | None
+    path: str | None
+
+
+def resolve(job: Job, first: First) -> Outcome:
     """The outcome of ``job``, a later line with the same URL as the line of ``first``."""
     where = f"{first.input}:{first.line}"
-    if first.status is Status.FAILED:
+    if first.status == Status.FAILED:
         return Outcome.not_saved(
             job,
-            first.reason or Reason.INTERNAL_ERROR,
+            Reason(first.reason) if first.reason else Reason.INTERNAL_ERROR,
             http_status=first.http_status,
             error=f"same URL as {where}, which failed: {first.error or first.reason}",
             duplicate_of=where,
         )
     return Outcome.not_saved(job, Reason.DUPLICATE, path=first.path, duplicate_of=where)
+
+
+def _blob(text: str | None) -> bytes | None:
+    """A record's text as it is stored: an error may quote a server's undecodable
+    bytes as lone surrogates, which SQLite's text cannot hold (``_text`` undoes it)."""
+    return None if text is None else text.encode("utf-8", "surrogatepass")
+
+
+def _text(blob: bytes | None) -> str | None:
+    return None if blob is None else blob.decode("utf-8", "surrogatepass")
 
 
 def _waiting_job(raw: str) -> Job:
@@ -106,7 +135,12 @@ class Duplicates:
             PRAGMA synchronous = OFF;
             PRAGMA cache_size = -{_CACHE_KIB};
             CREATE TABLE first (
-                h INTEGER PRIMARY KEY, h2 INTEGER NOT NULL, outcome TEXT
+                h INTEGER PRIMARY KEY, h2 INTEGER NOT NULL, label INTEGER NOT NULL,
+                line INTEGER NOT NULL
+            );
+            CREATE TABLE done (
+                k INTEGER PRIMARY KEY, status TEXT NOT NULL, reason TEXT,
+                http_status INTEGER, error BLOB, path BLOB
             );
             CREATE TABLE waiting (h INTEGER NOT NULL, job TEXT NOT NULL);
             CREATE TABLE stem (stem TEXT PRIMARY KEY, h INTEGER NOT NULL, line TEXT NOT NULL);
@@ -121,7 +155,10 @@ class Duplicates:
         self._waited_on = LineSet()
         self._maybe_seen = bytearray(_BITMAP_BITS // 8)
         #: new URLs not yet in the table: inserted together, before the next query
-        self._new: list[tuple[int, int, str]] = []
+        self._new: list[tuple[int, int, int, int]] = []
+        #: a number per input label (the tables hold numbers, see ``_line_key``)
+        self._labels: dict[str, int] = {}
+        self._label_of: list[str] = []
         self.found = 0
 
     def _tick(self, ops: int = 1) -> None:
@@ -131,11 +168,26 @@ class Duplicates:
             self._db.execute("BEGIN")
             self._ops = 0
 
+    def _label_number(self, label: str) -> int:
+        """The number of an input label. A label (a path from the command line) may
+        hold lone surrogates, which SQLite's text cannot."""
+        number = self._labels.get(label)
+        if number is None:
+            number = self._labels[label] = len(self._label_of)
+            self._label_of.append(label)
+        return number
+
+    def _line_key(self, label: str, line: int) -> int:
+        """A line's key in ``done``: its input's number, then its line number."""
+        return (self._label_number(label) << _LINE_BITS) | line
+
     def _insert_new(self) -> None:
         """One ``executemany`` for the new URLs so far: a statement per line was the
         parent's largest cost (issue 5's profile)."""
         if self._new:
-            self._db.executemany("INSERT INTO first (h, h2, outcome) VALUES (?, ?, ?)", self._new)
+            self._db.executemany(
+                "INSERT INTO first (h, h2, label, line) VALUES (?, ?, ?, ?)", self._new
+            )
             self._new = []
 
     def admit(self, job: Job) -> bool:
@@ -146,26 +198,31 @@ class Duplicates:
         row = None
         if self._maybe_seen[bit >> 3] & (1 << (bit & 7)):  # else surely new: one query saved
             self._insert_new()
-            row = self._db.execute("SELECT h2, outcome FROM first WHERE h = ?", (h,)).fetchone()
+            row = self._db.execute("SELECT h2, label, line FROM first WHERE h = ?", (h,)).fetchone()
         if row is None:
             self._maybe_seen[bit >> 3] |= 1 << (bit & 7)
-            self._new.append((h, h2, json.dumps([job.input, job.line])))
+            self._new.append((h, h2, self._label_number(job.input), job.line))
             if len(self._new) >= _INSERT_BATCH:
                 self._insert_new()
             return self._name_is_free(job, h)
-        stored_h2, stored = row
-        if stored_h2 != h2:  # two URLs share 64 bits: fetch it, names differ anyway
+        if row[0] != h2:  # two URLs share 64 bits: fetch it, names differ anyway
             return self._name_is_free(job, h)
         self.found += 1
-        value = json.loads(stored)
-        if isinstance(value, dict):  # the first line's outcome is known
-            self._record(resolve(job, Outcome.from_dict(value)))
+        label, line = self._label_of[row[1]], row[2]
+        done = self._db.execute(
+            "SELECT status, reason, http_status, error, path FROM done WHERE k = ?",
+            (self._line_key(label, line),),
+        ).fetchone()
+        if done is not None:  # the first line's outcome is known
+            status, reason, http_status, error, path = done
+            first = First(label, line, status, reason, http_status, _text(error), _text(path))
+            self._record(resolve(job, first))
         else:
             self._db.execute(
                 "INSERT INTO waiting (h, job) VALUES (?, ?)",
                 (h, json.dumps([job.url, job.input, job.line, job.name, job.extra])),
             )
-            self._waited_on.add((value[0], value[1]))
+            self._waited_on.add((label, line))
         return False
 
     def _name_is_free(self, job: Job, h: int) -> bool:
@@ -212,22 +269,47 @@ class Duplicates:
             (key, _keys(job.url)[0], f"{job.input}:{job.line}"),
         )
 
-    def finished(self, outcomes: list[tuple[Outcome, str]]) -> None:
-        """Fetched lines' outcomes (with their JSON text): remember them, and record the
-        duplicates waiting for them."""
-        self._insert_new()
-        keys = [_keys(outcome.url) for outcome, _ in outcomes]
+    def finished(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Fetched lines' records (decoded JSON, or ``Outcome.to_dict``): remember what a
+        later line with the same URL needs (``First``), and record the duplicates
+        waiting for them.
+
+        Kept by line, not by URL: the keys come without hashing the URL again, and a
+        shard's lines are mostly in order, so the rows go to the end of the table (an
+        UPDATE of the URL's row took 6 µs a line in a run, with the hash; issue 5).
+        """
+        line_key = self._line_key
         self._db.executemany(
-            "UPDATE first SET outcome = ? WHERE h = ? AND h2 = ?",
-            [(text, h, h2) for (_, text), (h, h2) in zip(outcomes, keys, strict=True)],
+            "INSERT OR REPLACE INTO done VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    line_key(r["input"], r["line"]),
+                    r["status"],
+                    r["reason"],
+                    r["http_status"],
+                    _blob(r["error"]),
+                    _blob(r["path"]),
+                )
+                for r in records
+            ],
         )
-        self._tick(len(outcomes))
-        for (outcome, _), (h, _) in zip(outcomes, keys, strict=True):
-            if (outcome.input, outcome.line) not in self._waited_on:
+        self._tick(len(records))
+        for record in records:
+            if (record["input"], record["line"]) not in self._waited_on:
                 continue
+            first = First(
+                record["input"],
+                record["line"],
+                record["status"],
+                record["reason"],
+                record["http_status"],
+                record["error"],
+                record["path"],
+            )
+            h = _keys(record["url"])[0]
             rows = self._db.execute("SELECT job FROM waiting WHERE h = ?", (h,)).fetchall()
             for (raw,) in rows:
-                self._record(resolve(_waiting_job(raw), outcome))
+                self._record(resolve(_waiting_job(raw), first))
             self._db.execute("DELETE FROM waiting WHERE h = ?", (h,))
 
     def discard(self) -> None:

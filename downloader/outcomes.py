@@ -11,6 +11,7 @@ import builtins
 import dataclasses
 import enum
 import json
+import operator
 import time
 from typing import Any
 
@@ -115,6 +116,13 @@ class Job:
     @property
     def revalidating(self) -> bool:
         return self.previous_path is not None
+
+    def __reduce__(self) -> tuple[type[Job], tuple[Any, ...]]:
+        """Pickled as the class and its fields' values, in order: every job of a shard
+        is pickled by the parent and unpickled by a worker, and the state functions
+        that dataclasses gives a slots class (fields() called per object) took 2.2 µs
+        to pickle a job and 2.6 µs to unpickle it; this takes 0.5 and 1.3 (issue 5)."""
+        return (Job, _job_values(self))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -230,6 +238,7 @@ def now() -> float:
     return round(time.time(), 3)
 
 
+_job_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Job)))
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Outcome))
 #: The manifest's columns: every record has exactly these keys.
 FIELDS = frozenset(_FIELD_NAMES)

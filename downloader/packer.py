@@ -44,13 +44,12 @@ import os
 import re
 import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from downloader.contentindex import CONTENT_DB
 from downloader.errors import ImgdlError
-from downloader.outcomes import Outcome
 from downloader.settings import OutputSettings, Settings
 from downloader.shardfiles import KEY_COLUMN, WEBDATASET, OpenShard, ShardIndex
 from downloader.state import (
@@ -305,11 +304,12 @@ class Packer:
         if staged:
             log.info("staged images without a record removed", images=len(staged))
 
-    def offer_outcomes(self, found: Iterable[tuple[Outcome, str]]) -> None:
-        """A shard of work's journaled records, as the manifest gets them: the text is
-        decoded, so every field the record has (extra input columns too) is carried."""
-        for outcome, text in found:
-            if outcome.path is not None and _is_sample(outcome.status, outcome.reason):
+    def offer_records(self, found: Iterable[tuple[Mapping[str, Any], str]]) -> None:
+        """A shard of work's journaled records (decoded, with their text), as the manifest
+        gets them: the text is decoded again, so every field the record has (extra input
+        columns too) is carried exactly."""
+        for record, text in found:
+            if record["path"] is not None and _is_sample(record["status"], record["reason"]):
                 self.offer(json.loads(text), text)  # not orjson: big integers stay exact
 
     def offer(self, record: dict[str, Any], text: str) -> None:

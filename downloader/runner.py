@@ -53,7 +53,7 @@ from downloader.state import (
     LineSet,
     RunState,
     Validators,
-    read_lines,
+    read_raw,
 )
 from downloader.storage import case_insensitive, names_may_collide
 from downloader.tasks import TaskSlice
@@ -726,16 +726,17 @@ class Runner:
         journaled = _journaled(shard.journal)
         report.merge(jobs, journaled, missing, error)
         if self.packer is not None:  # after the records: a sample's .json is its record
-            self.packer.offer_outcomes(
+            self.packer.offer_records(
                 journaled[(j.input, j.line)] for j in jobs if (j.input, j.line) in journaled
             )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(shard.journal)
 
 
-def _journaled(path: Path) -> dict[tuple[str, int], tuple[Outcome, str]]:
-    """The outcomes a worker journaled for a shard, with their text, by (input, line)."""
-    found: dict[tuple[str, int], tuple[Outcome, str]] = {}
-    for outcome, text in read_lines(path):
-        found.setdefault((outcome.input, outcome.line), (outcome, text))
+def _journaled(path: Path) -> dict[tuple[str, int], tuple[dict[str, Any], str]]:
+    """The records a worker journaled for a shard, decoded, with their text, by (input,
+    line). No Outcome is built: the merge needs one only for a 304 (report.merge)."""
+    found: dict[tuple[str, int], tuple[dict[str, Any], str]] = {}
+    for raw, text in read_raw(path):
+        found.setdefault((raw["input"], raw["line"]), (raw, text))
     return found

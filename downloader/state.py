@@ -358,7 +358,7 @@ class RunState:
         if journals:
             with open(self._new_segment(), "a", encoding="utf-8") as segment:
                 for journal in journals:
-                    for _, text in read_lines(journal):
+                    for _, text in read_raw(journal):
                         segment.write(text + "\n")
         shutil.rmtree(self.journal_dir, ignore_errors=True)
 
@@ -424,6 +424,11 @@ class RunState:
         """``text``: the record's JSON as the worker wrote it, if there is one."""
         assert self._segment is not None
         self._segment.write((text or outcome.to_json()) + "\n")
+
+    def append_text(self, text: str) -> None:
+        """A record's JSON text as the worker wrote it."""
+        assert self._segment is not None
+        self._segment.write(text + "\n")
 
     def flush(self) -> None:
         if self._segment is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from downloader.devserver import DevServer
 from tests.conftest import image_files, read_manifest, read_summary, run_cli, write_list
@@ -86,3 +88,53 @@ def test_a_url_whose_first_line_collided_is_fetched_under_its_next_name(
     again = run_cli("fetch", str(listing), "-o", str(out), "--name-column", "name")
     assert again.returncode == 1  # line 3 still collides; it is not "skipped_exists x.jpg"
     assert {r["line"]: r["reason"] for r in read_manifest(out)}[3] == "name_collision"
+
+
+def test_duplicate_records_from_the_compact_first_line(tmp_path: Path) -> None:
+    """The table keeps only what a duplicate needs of its first line's record (not the
+    whole record): each kind of duplicate gets every field it got from the whole one."""
+    import dataclasses
+
+    from downloader.dedupe import Duplicates
+    from downloader.outcomes import Job, Outcome, Reason, Status
+
+    recorded: list[Outcome] = []
+    dedupe = Duplicates(tmp_path / "d.sqlite", recorded.append)
+    url_ok, url_404, url_lost = (f"http://a.example/{n}.jpg" for n in range(3))
+
+    label = "l\udcff.csv"  # a file name that is not UTF-8, as Python gives it
+
+    def job(url: str, line: int) -> Job:
+        return Job(url=url, input=label, line=line, extra=json.dumps({"tag": f"t{line}"}))
+
+    assert dedupe.admit(job(url_ok, 1)) and dedupe.admit(job(url_404, 2))
+    assert dedupe.admit(job(url_lost, 3))
+    assert not dedupe.admit(job(url_ok, 4))  # waits: the first line is in flight
+    saved = Outcome.saved(job(url_ok, 1), path="ab/\udcfe.jpg", bytes=5, http_status=200)
+    failed = Outcome.not_saved(
+        job(url_404, 2), Reason.HTTP_ERROR, http_status=404, error="Non trouv\udce9"
+    )
+    dedupe.finished([saved.to_dict(), failed.to_dict()])
+    assert not dedupe.admit(job(url_404, 5))  # known at once
+    assert not dedupe.admit(job(url_ok, 6))
+    assert not dedupe.admit(job(url_lost, 7))  # its first line never gets an outcome
+    dedupe.close()
+    got = {o.line: dataclasses.replace(o, finished_at=None) for o in recorded}
+
+    def want(line: int, url: str, status: Status, reason: Reason, **fields: Any) -> Outcome:
+        extra = {"tag": f"t{line}"}
+        return Outcome(label, line, url, status, reason, extra=extra, **fields)
+
+    same_as_1 = {"path": "ab/\udcfe.jpg", "duplicate_of": f"{label}:1"}
+    assert got == {
+        4: want(4, url_ok, Status.SKIPPED, Reason.DUPLICATE, **same_as_1),
+        6: want(6, url_ok, Status.SKIPPED, Reason.DUPLICATE, **same_as_1),
+        5: want(
+            *(5, url_404, Status.FAILED, Reason.HTTP_ERROR),
+            http_status=404,
+            error=f"same URL as {label}:2, which failed: Non trouv\udce9",
+            duplicate_of=f"{label}:2",
+        ),
+        7: want(7, url_lost, Status.FAILED, Reason.INTERRUPTED, error="first line not done"),
+    }
+    assert [type(o.reason) for o in recorded] == [Reason] * 4  # enums, as the worker's

@@ -5,7 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -13,7 +17,8 @@ from downloader.devserver import DevServer
 from downloader.errors import InputError
 from downloader.outcomes import Job, Outcome, Reason
 from downloader.settings import InputSettings
-from downloader.sources import InputList, check_url, open_inputs
+from downloader.sharding import TICK
+from downloader.sources import InputList, InvalidUrl, check_url, open_inputs, read_in_background
 from tests.conftest import image_files, read_manifest, run_cli
 
 
@@ -218,3 +223,79 @@ def test_outcome_round_trips_through_json() -> None:
     job = Job(url="http://a/b", input="x.txt", line=3)
     outcome = Outcome.not_saved(job, Reason.TIMEOUT)
     assert Outcome.from_json(outcome.to_json()) == outcome
+
+
+@pytest.mark.parametrize(
+    "char", [" ", "\t", "\x00", "\x1c", "\x7f", "\x85", "\xa0", "\u2028", "\u3000"]
+)
+def test_check_url_rejects_spaces_and_control_characters(char: str) -> None:
+    with pytest.raises(InvalidUrl, match="whitespace or control characters"):
+        check_url(f"http://a.example/x{char}y.jpg")
+    assert check_url("http://a.example/\u00e9\u200b.jpg")  # other non-ASCII: the server's call
+
+
+def _background(*sources: Iterator[Any], buffered: int = 4, poll: float = 0.05) -> Iterator[Any]:
+    """read_in_background over stand-ins for InputList (each is iterated the same way)."""
+    return read_in_background(cast(list[InputList], list(sources)), buffered, poll)
+
+
+def test_the_background_reader_hands_over_a_slow_inputs_line_at_once() -> None:
+    """A line is never held back to fill a batch: while the input blocks, the caller
+    has what came before and gets TICKs; the rest comes once it is read."""
+    go_on = threading.Event()
+    job = Job(url="http://a.example/1.jpg", input="p", line=1)
+
+    def slow() -> Iterator[Job]:
+        yield job
+        go_on.wait(10)
+        yield Job(url="http://a.example/2.jpg", input="p", line=2)
+
+    items = _background(slow())
+    assert next(items) is job
+    assert [next(items) for _ in range(3)] == [TICK] * 3  # nothing new for 3 polls
+    go_on.set()
+    assert [i.line for i in items if i is not TICK] == [2]
+
+
+def test_the_background_reader_reads_at_most_its_buffer_ahead() -> None:
+    produced = 0
+
+    def endless() -> Iterator[Job]:
+        nonlocal produced
+        while True:
+            produced += 1
+            yield Job(url="http://a.example/x.jpg", input="e", line=produced)
+
+    items = _background(endless(), buffered=8)
+    assert next(items).line == 1
+    time.sleep(0.3)  # the reader fills its buffer, then waits for room
+    assert produced <= 1 + 8 + 1
+    lines = [next(items).line for _ in range(1000)]
+    assert lines == list(range(2, 1002))  # in order, none lost while it waited
+    time.sleep(0.3)
+    assert produced <= 1001 + 8 + 1
+
+
+def test_the_background_reader_raises_in_the_callers_thread() -> None:
+    def broken() -> Iterator[Job]:
+        yield Job(url="http://a.example/1.jpg", input="b", line=1)
+        raise OSError("the disk went away")
+
+    items = _background(broken())
+    assert next(items).line == 1
+    with pytest.raises(OSError, match="the disk went away"):
+        next(i for i in items if i is not TICK)
+
+
+def test_a_job_pickles_with_every_field() -> None:
+    """A shard's jobs reach the worker pickled (Job.__reduce__): nothing may be lost."""
+    import dataclasses
+    import pickle
+
+    values: dict[str, Any] = {
+        f.name: (7 if f.type in ("int", int) else f"{f.name}-value")
+        for f in dataclasses.fields(Job)
+    }
+    job = Job(**values)
+    again = pickle.loads(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+    assert type(again) is Job and dataclasses.asdict(again) == values

@@ -32,12 +32,15 @@ def test_undecodable_reason_phrase_does_not_hang(
 ) -> None:
     urls = [f"http://127.0.0.1:{latin1_server.port}/x/{n}" for n in range(6)]
     urls += [f"{server.url}/i/{n}.jpg" for n in range(20)]
+    urls += [urls[0]]  # a duplicate quotes its first line's error, undecodable bytes too
     listing = write_list(tmp_path / "u.txt", urls)
     out = tmp_path / "out"
     result = run_cli("fetch", str(listing), "-o", str(out), "--concurrency", "4", timeout=60)
     assert result.returncode == 1, result.stderr
     summary = read_summary(out)
-    assert (summary["saved"], summary["by_reason"]) == (20, {"http_error": 6})
+    assert (summary["saved"], summary["by_reason"]) == (20, {"http_error": 7})
+    last = next(r for r in read_manifest(out) if r["line"] == len(urls))
+    assert last["error"] == (f"same URL as {listing}:1, which failed: HTTP 404 Non trouv\udce9")
 
 
 def test_sigterm_while_stdin_is_blocked(server: DevServer, tmp_path: Path) -> None:
