@@ -1,6 +1,5 @@
 """What a download costs without aiohttp: the evidence behind issue 5's analysis.
 
-    .venv/bin/pip install httptools
     .venv/bin/python bench/lean_http_probe.py URLS.txt OUTDIR [PROCESSES] [IN_FLIGHT]
 
 Not imgdl: a probe. Plain http:// only, keep-alive connections over an asyncio
