@@ -81,8 +81,9 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
         "--http-client",
         "http.client",
         click.Choice(["builtin", "aiohttp"]),
-        "HTTP client of direct requests: imgdl's own HTTP/1.1 client, or aiohttp's "
-        "[default: builtin].",
+        "HTTP client of direct requests: imgdl's own HTTP/1.1 client (less CPU), or "
+        "aiohttp's (keeps cookies servers set; a fallback for a server the builtin one "
+        "reads wrong). Proxied requests always use aiohttp [default: builtin].",
     ),
     ("--shard-size", "run.shard_size", click.IntRange(1), "URLs per shard [default: 1000]."),
     (

@@ -75,6 +75,7 @@ class Response:
         self._chunked = False
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
+        self._body_bytes = 0  # of the body, as received (for the truncated message)
         self._paused = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -94,6 +95,7 @@ class Response:
     def _body(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
         self._buffered += len(chunk)
+        self._body_bytes += len(chunk)
         if self._buffered > HIGH_WATER and not self._paused:
             self._paused = True
             self._connection.pause()
@@ -118,8 +120,13 @@ class Response:
             why = f": {exc}" if exc else ""
             self._fail(ProtocolError(f"connection lost before a complete response head{why}"))
         else:
-            got = f" ({exc})" if exc else ""
-            self._fail(TruncatedError(f"connection closed before the body was complete{got}"))
+            got = (
+                f"{self._body_bytes} of {self.content_length} body bytes"
+                if self.content_length is not None
+                else f"{self._body_bytes} bytes of a chunked body"
+            )
+            why = f" ({exc})" if exc else ""
+            self._fail(TruncatedError(f"connection closed after {got}{why}"))
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -300,8 +300,9 @@ class HttpSettings(_Section):
         "builtin",
         description="The HTTP client of direct requests. builtin: imgdl's own HTTP/1.1 client "
         "(keep-alive pool, the llhttp parser), which costs less than half of aiohttp's CPU "
-        "per request; aiohttp: aiohttp's ClientSession, as for requests through a proxy, "
-        "which always use it.",
+        "per request and keeps no cookie a server sets; aiohttp: aiohttp's ClientSession "
+        "(keeps server-set cookies of host names), as for requests through a proxy, which "
+        "always use it. Both give every failure the same reason.",
     )
 
 

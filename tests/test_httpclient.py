@@ -242,7 +242,7 @@ def test_bodies_framed_every_way_arrive_whole(
     assert len(image_files(out)) == len(urls)
 
 
-def test_a_stalled_body_times_out_and_a_huge_head_is_refused(
+def test_stalled_cut_and_oversized_answers_get_their_reasons(
     scripted: Callable[[Handler], ScriptedServer], tmp_path: Path
 ) -> None:
     async def bad(
@@ -253,6 +253,10 @@ def test_a_stalled_body_times_out_and_a_huge_head_is_refused(
             writer.write(_head(len(body)) + body[:100])
             await writer.drain()
             await asyncio.sleep(5)
+        elif path.startswith("/cut"):  # half the body, then the connection ends
+            writer.write(_head(len(body)) + body[: len(body) // 2])
+            await writer.drain()
+            return False
         elif path.startswith("/head"):
             writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 20_000 + b"\r\n")
         else:
@@ -261,9 +265,17 @@ def test_a_stalled_body_times_out_and_a_huge_head_is_refused(
         return True
 
     server = scripted(bad)
-    urls = [server.url("/stall/1.png"), server.url("/head/1.png"), server.url("/ok/1.png")]
+    urls = [
+        server.url("/stall/1.png"),
+        server.url("/head/1.png"),
+        server.url("/ok/1.png"),
+        server.url("/cut/1.png"),
+    ]
     records, out, _ = _fetch(tmp_path, urls, IMGDL_HTTP_READ_TIMEOUT="1", IMGDL_HTTP_MIN_SPEED="0")
-    stalled, huge, fine = (records[url] for url in urls)
+    stalled, huge, fine, cut = (records[url] for url in urls)
+    size = len(_image_of("/1.png"))
+    assert cut["reason"] == "truncated"
+    assert f"after {size // 2} of {size} body bytes" in str(cut["error"])  # the counts
     assert stalled["reason"] == "timeout"
     assert "http.read_timeout" in str(stalled["error"])
     assert huge["reason"] == "protocol_error"
