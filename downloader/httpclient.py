@@ -32,19 +32,23 @@ from yarl import URL
 from downloader.hostrules import basic_authorization
 from downloader.httperrors import (
     ConnectError,
+    HeadLost,
     ProtocolError,
     TlsError,
     TruncatedError,
 )
 from downloader.netpolicy import AddressGuard, NetworkPolicy
 from downloader.settings import Settings
-from downloader.tls import ssl_context
+from downloader.tls import client_context
 
-#: The longest response head (status line and headers) accepted, and the longest line.
+#: The longest response head (status line and headers) accepted, and the longest line
+#: (aiohttp's session is held to the same line length, transport.py).
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_LINE = 16 * 1024
 #: An idle connection is closed after this long (nginx keeps them 75 s, others less).
 KEEPALIVE_SECONDS = 15.0
+#: What a request past ``http.total_timeout`` fails with.
+TOTAL_TIMEOUT = "the request took longer than http.total_timeout"
 #: A body buffered beyond this stops reading from the socket until the reader catches up.
 HIGH_WATER = 1024 * 1024
 LOW_WATER = 256 * 1024
@@ -117,8 +121,7 @@ class Response:
         elif not self.received:
             self._fail(_Stale(str(exc) if exc else "closed by the server"))
         elif not self.head_done:
-            why = f": {exc}" if exc else ""
-            self._fail(ProtocolError(f"connection lost before a complete response head{why}"))
+            self._fail(HeadLost(str(exc) if exc else None))
         else:
             got = (
                 f"{self._body_bytes} of {self.content_length} body bytes"
@@ -139,14 +142,12 @@ class Response:
         past the request's deadline (``total_timeout``)."""
         left = self._deadline - self._loop.time()
         if left <= 0:
-            raise TimeoutError("the request took longer than http.total_timeout")
+            raise TimeoutError(TOTAL_TIMEOUT)
         waiter = self._waiter = self._loop.create_future()
         if left < self._read_timeout:
-            message = "the request took longer than http.total_timeout"
-            timer = self._loop.call_later(left, _expire, waiter, message)
+            timer = self._loop.call_later(left, _expire, waiter, None)
         else:
-            message = f"no data from the server for {self._read_timeout:g} s (http.read_timeout)"
-            timer = self._loop.call_later(self._read_timeout, _expire, waiter, message)
+            timer = self._loop.call_later(self._read_timeout, _expire, waiter, self._read_timeout)
         try:
             await waiter
         finally:
@@ -176,7 +177,7 @@ class Response:
                     self._paused = False
                     self._connection.resume()
                 if self._loop.time() > self._deadline:
-                    raise TimeoutError("the request took longer than http.total_timeout")
+                    raise TimeoutError(TOTAL_TIMEOUT)
                 yield chunk
             elif self._error is not None:
                 raise self._error
@@ -197,8 +198,15 @@ class Response:
         self._connection.finish(self)
 
 
-def _expire(waiter: asyncio.Future[None], message: str) -> None:
+def _expire(waiter: asyncio.Future[None], read_timeout: float | None) -> None:
+    """A wait ran out: ``read_timeout`` if that was its bound, else the total deadline
+    (the message is made here, not for every wait that ends in time)."""
     if not waiter.done():
+        message = (
+            TOTAL_TIMEOUT
+            if read_timeout is None
+            else f"no data from the server for {read_timeout:g} s (http.read_timeout)"
+        )
         waiter.set_exception(TimeoutError(message))
 
 
@@ -365,7 +373,6 @@ class HttpClient:
         self.total_timeout = http.total_timeout
         self.max_idle = max(1, http.concurrency)
         self._tls = settings.tls
-        self._ssl: ssl.SSLContext | None = None
         self._defaults = {
             "user-agent": ("User-Agent", http.user_agent),
             "accept": ("Accept", "*/*"),
@@ -396,9 +403,7 @@ class HttpClient:
                 connection.close()
                 if reused:  # the server dropped it while it was idle: a new one
                     continue
-                raise ProtocolError(
-                    f"connection lost before a complete response head: {exc}"
-                ) from None
+                raise HeadLost(str(exc)) from None
             except BaseException:
                 connection.close()
                 raise
@@ -455,21 +460,9 @@ class HttpClient:
         self._idle.setdefault(connection.key, []).append(connection)
         self._idle_count += 1
 
-    def _ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            configured = ssl_context(self._tls)
-            if isinstance(configured, ssl.SSLContext):
-                self._ssl = configured
-            else:
-                self._ssl = ssl.create_default_context()
-                if not configured:  # tls.verify: false (the parent warned)
-                    self._ssl.check_hostname = False
-                    self._ssl.verify_mode = ssl.CERT_NONE
-        return self._ssl
-
     async def _connect(self, key: tuple[str, str, int], deadline: float) -> _Connection:
         scheme, host, port = key
-        tls = self._ssl_context() if scheme == "https" else None
+        tls = client_context(self._tls) if scheme == "https" else None
         failures: list[str] = []
         try:  # a DNS server that does not answer must not hold the request past its deadline
             async with asyncio.timeout_at(deadline):

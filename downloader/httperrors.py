@@ -34,6 +34,15 @@ class ProtocolError(HttpClientError):
     reason = Reason.PROTOCOL_ERROR
 
 
+class HeadLost(ProtocolError):
+    """The connection ended after the request, before the answer's head was whole: the
+    server spoke (or took the request), then hung up."""
+
+    def __init__(self, detail: str | None = None) -> None:
+        why = f": {detail}" if detail else ""
+        super().__init__(f"connection lost before a complete response head{why}")
+
+
 class TruncatedError(HttpClientError):
     """The connection ended before the body did."""
 

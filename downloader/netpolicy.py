@@ -26,13 +26,14 @@ import functools
 import ipaddress
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from downloader.httperrors import ConnectError
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
+_A = TypeVar("_A", bound=Mapping[str, object])
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -155,9 +156,19 @@ def remember(cache: dict[_K, _V], key: _K, value: _V) -> None:
     cache[key] = value
 
 
-def refused_answers(policy: NetworkPolicy, answers: list[dict[str, Any]]) -> list[str]:
+def refused_answers(policy: NetworkPolicy, answers: Sequence[Mapping[str, object]]) -> list[str]:
     """Why each refused address of a DNS answer is refused."""
-    return [why for a in answers if (why := policy.refuses(ipaddress.ip_address(a["host"])))]
+    return [why for a in answers if (why := policy.refuses(ipaddress.ip_address(str(a["host"]))))]
+
+
+def allowed_answers(policy: NetworkPolicy, host: str, answers: Sequence[_A]) -> list[_A]:
+    """The answers for ``host`` the policy allows (the builtin client's and aiohttp's
+    resolvers alike); BlockedAddressError, naming why, when none is left."""
+    allowed = [a for a in answers if not policy.refuses(ipaddress.ip_address(str(a["host"])))]
+    if not allowed:
+        reasons = "; ".join(refused_answers(policy, answers))
+        raise BlockedAddressError(f"{host} resolves only to refused addresses: {reasons}")
+    return allowed
 
 
 class AddressGuard:
@@ -187,13 +198,8 @@ class AddressGuard:
         except OSError as exc:
             raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
         allowed = [
-            (int(a["family"]), str(a["host"]))
-            for a in answers
-            if not self.policy.refuses(ipaddress.ip_address(a["host"]))
+            (int(a["family"]), str(a["host"])) for a in allowed_answers(self.policy, host, answers)
         ]
-        if not allowed:
-            reasons = "; ".join(refused_answers(self.policy, answers))
-            raise BlockedAddressError(f"{host} resolves only to refused addresses: {reasons}")
         if self.ttl > 0:
             remember(self._cache, (host, port), (now + self.ttl, allowed))
         return allowed

@@ -91,18 +91,7 @@ class RunTally:
 
     def add(self, outcome: Outcome) -> None:
         """Count a record the parent made itself."""
-        self.add_record(
-            {
-                "input": outcome.input,
-                "line": outcome.line,
-                "url": outcome.url,
-                "status": outcome.status,
-                "reason": outcome.reason,
-                "http_status": outcome.http_status,
-                "bytes": outcome.bytes,
-                "duplicate_of": outcome.duplicate_of,
-            }
-        )
+        self.add_record(outcome.to_dict())
 
     def add_record(self, record: Mapping[str, Any]) -> None:
         """Count a record as decoded JSON (a worker's, as the journal holds it)."""

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from downloader.outcomes import Outcome
+from downloader.storage import write_all
 
 WEBDATASET = "webdataset"
 #: the column of the sample key, and (parquet format) of the image bytes
@@ -237,12 +238,6 @@ class _Table:
 _BLOCK = 512
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class _Tar:
     """A ustar file written member by member: the header (``tarfile.TarInfo.tobuf``,
     so the format is the standard library's), then the image copied by the kernel
@@ -266,9 +261,9 @@ class _Tar:
     def add_file(self, name: str, source: Path, mtime: float) -> None:
         with open(source, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            _write_all(self._fd, self._header(name, size, mtime))
+            write_all(self._fd, self._header(name, size, mtime))
             self._copy(handle.fileno(), size)
-        _write_all(self._fd, self._padding(size))
+        write_all(self._fd, self._padding(size))
 
     def _copy(self, source: int, size: int) -> None:
         done = 0
@@ -281,18 +276,18 @@ class _Tar:
         except OSError:  # a file system without sendfile between files: read and write
             os.lseek(source, done, os.SEEK_SET)
             while done < size and (block := os.read(source, min(1 << 20, size - done))):
-                _write_all(self._fd, block)
+                write_all(self._fd, block)
                 done += len(block)
         if done != size:  # the staged file shrank: it is never written after its rename
             raise OSError(f"{self.path}: copied {done} of {size} bytes")
 
     def add_bytes(self, name: str, data: bytes, mtime: float) -> None:
         header = self._header(name, len(data), mtime)
-        _write_all(self._fd, header + data + self._padding(len(data)))
+        write_all(self._fd, header + data + self._padding(len(data)))
 
     def close(self) -> None:
         """The end-of-archive marker (two zero blocks), fsync, close."""
-        _write_all(self._fd, bytes(2 * _BLOCK))
+        write_all(self._fd, bytes(2 * _BLOCK))
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1

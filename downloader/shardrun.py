@@ -27,7 +27,7 @@ from downloader.outcomes import Job, Outcome, Reason, Status
 from downloader.progress import FEED_SECONDS, Feed
 from downloader.settings import Settings
 from downloader.sharding import Shard
-from downloader.storage import Store
+from downloader.storage import Store, write_all
 from downloader.telemetry import get_logger, process_telemetry
 from downloader.worker import ShardResult, WorkerContext, parent_gone
 
@@ -69,9 +69,7 @@ class Journal:
 
     def _append(self, data: bytes) -> None:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            write_all(self._fd, data)
         except OSError as exc:
             raise JournalError(f"cannot write the shard journal: {exc}") from exc
 

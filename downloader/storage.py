@@ -360,7 +360,8 @@ def _link_into_place(
     os.unlink(part)
 
 
-def _write_all(fd: int, body: bytes) -> None:
+def write_all(fd: int, body: bytes) -> None:
+    """All of ``body`` to ``fd`` (``os.write`` may take part of it)."""
     view = memoryview(body)
     while view:
         view = view[os.write(fd, view) :]
@@ -442,7 +443,7 @@ class PartFile(_Bound):
         part = cls._new_name(parts)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as open() does
         try:
-            _write_all(fd, body)
+            write_all(fd, body)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -505,7 +506,7 @@ class UnnamedPart(_Bound):
     def written(cls, root: Path, stem: str, parts: Path, body: bytes, probe: bool = True) -> Self:
         fd = _open_unnamed(parts)
         try:
-            _write_all(fd, body)
+            write_all(fd, body)
         except BaseException:
             os.close(fd)
             raise

@@ -24,6 +24,30 @@ def ssl_context(tls: TlsSettings) -> ssl.SSLContext | bool:
     return _with_bundle(tls.ca_bundle)
 
 
+def client_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The context itself, for a client that takes no ``True``/``False`` (the builtin
+    HTTP client): the default verified one, the one with ``tls.ca_bundle``, or, only
+    when ``tls.verify`` is false, one that checks nothing."""
+    configured = ssl_context(tls)
+    if isinstance(configured, ssl.SSLContext):
+        return configured
+    return _unverified() if configured is False else _system()
+
+
+@functools.lru_cache(maxsize=1)
+def _system() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+@functools.lru_cache(maxsize=1)
+def _unverified() -> ssl.SSLContext:
+    """tls.verify: false, which the user set and the parent warned about."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 @functools.lru_cache(maxsize=4)
 def _with_bundle(bundle: Path) -> ssl.SSLContext:
     """Cached: loading the trust store takes about 40 ms, and every shard asks."""

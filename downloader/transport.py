@@ -10,7 +10,6 @@ servers through the builtin client (``httpclient.py``) never loads it.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 
 import aiohttp
@@ -18,15 +17,13 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from downloader.httperrors import ProtocolError
-from downloader.netpolicy import BlockedAddressError, NetworkPolicy, refused_answers
+from downloader.httpclient import MAX_HEADER_LINE
+from downloader.httperrors import HeadLost
+from downloader.netpolicy import NetworkPolicy, allowed_answers
 from downloader.outcomes import Reason
 from downloader.proxy import Proxy
 from downloader.settings import Settings
 from downloader.tls import ssl_context
-
-#: Longest status line / header line accepted; a longer one is a protocol error.
-MAX_HEADER_LINE = 16 * 1024
 
 
 class GuardedResolver(AbstractResolver):
@@ -39,12 +36,7 @@ class GuardedResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        answers = await self.inner.resolve(host, port, family)
-        allowed = [a for a in answers if not self.policy.refuses(ipaddress.ip_address(a["host"]))]
-        if not allowed:
-            reasons = "; ".join(refused_answers(self.policy, [dict(a) for a in answers]))
-            raise BlockedAddressError(f"{host} resolves only to refused addresses: {reasons}")
-        return allowed
+        return allowed_answers(self.policy, host, await self.inner.resolve(host, port, family))
 
     async def close(self) -> None:
         await self.inner.close()
@@ -118,12 +110,6 @@ def _new_session(settings: Settings, connector: aiohttp.BaseConnector) -> aiohtt
     )
 
 
-def _lost(exc: BaseException) -> ProtocolError:
-    return ProtocolError(
-        f"connection lost before a complete response head: {exc or type(exc).__name__}"
-    )
-
-
 async def request(
     settings: Settings,
     policy: NetworkPolicy,
@@ -154,7 +140,7 @@ async def request(
     except aiohttp.ClientConnectorError:
         raise
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        raise _lost(exc) from None
+        raise HeadLost(str(exc) or type(exc).__name__) from None
 
 
 async def _through_socks(
@@ -174,7 +160,7 @@ async def _through_socks(
     except aiohttp.ClientConnectorError:
         raise
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        raise _lost(exc) from None
+        raise HeadLost(str(exc) or type(exc).__name__) from None
 
 
 #: What reading an aiohttp response's body may raise, besides TimeoutError.
