@@ -9,29 +9,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_compare_runs_and_verifies_every_file(tmp_path: Path) -> None:
+def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run ``bench/ARGS...`` from the repository root; it must exit 0."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "bench/compare.py",
-            "--count",
-            "200",
-            "--rows",
-            "imgdl,naive-aiohttp",
-            "--server",
-            "python",
-            "--no-ceiling",
-            "--no-write",
-            "--work",
-            str(tmp_path / "work"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_compare_runs_and_verifies_every_file(tmp_path: Path) -> None:
+    result = _bench(
+        "bench/compare.py", "--count", "200", "--rows", "imgdl,naive-aiohttp",
+        "--server", "python", "--no-ceiling", "--no-write", "--work", str(tmp_path / "work"),
+    )  # fmt: skip
     rows = {
         line.split("|")[1].strip(): line.split("|")
         for line in result.stdout.splitlines()
@@ -44,12 +35,10 @@ def test_compare_runs_and_verifies_every_file(tmp_path: Path) -> None:
 
 
 def test_resize_row_is_verified_by_decoding_at_the_target_size(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "bench/compare.py", "--count", "40", "--rows", "imgdl-resize",
-         "--server", "python", "--no-ceiling", "--no-write", "--work", str(tmp_path / "w")],
-        cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
+    result = _bench(
+        "bench/compare.py", "--count", "40", "--rows", "imgdl-resize",
+        "--server", "python", "--no-ceiling", "--no-write", "--work", str(tmp_path / "w"),
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
     (row,) = [line.split("|") for line in result.stdout.splitlines() if "| imgdl-resize" in line]
     assert row[5].strip() == "40", result.stdout  # 40 JPEGs on disk, smaller side 256
 
@@ -67,13 +56,5 @@ def test_resize_row_is_verified_by_decoding_at_the_target_size(tmp_path: Path) -
 def test_the_worker_path_benchmark_runs(tmp_path: Path) -> None:
     """bench/worker_path.py drives the Fetcher with fake responses: it broke once when
     the Fetcher's arguments changed, unnoticed until someone ran it."""
-    result = subprocess.run(
-        [sys.executable, "bench/worker_path.py", "300", "1", str(tmp_path / "none")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = _bench("bench/worker_path.py", "300", "1", str(tmp_path / "none"), timeout=120)
     assert "us/img, median" in result.stdout
