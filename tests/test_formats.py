@@ -179,14 +179,20 @@ def test_kill_9_mid_run_then_the_same_command_packs_every_sample_once(
     options = "--processes 2 --shard-size 50 --concurrency 8 --shard-samples 40"
     command = ["fetch", str(listing), "-o", str(out), "--output-format", "webdataset"]
     command += options.split()
-    kill_9_when(start_cli(*command), lambda: len(list(out.glob("*.tar"))) >= 3)
+    staging = out / ".imgdl" / "staging"
+
+    def mid_shard() -> bool:  # three shards packed and the next one's samples staged
+        tars = len(list(out.glob("*.tar")))
+        return tars >= 3 and any(p.is_file() for p in staging.rglob("*"))
+
+    kill_9_when(start_cli(*command), mid_shard)
     first_requests = quiet_count(lambda: len(server.requests))
     assert first_requests < 600
     complete = sorted(p.stem for p in out.glob("*.tar"))
     assert len(complete) >= 3
     # a .parquet without its .tar (killed between the renames) is not a shard
     before = {n: v for n, v in _shard_files(out).items() if n.split(".")[0] in complete}
-    staged = [p for p in (out / ".imgdl" / "staging").rglob("*") if p.is_file()]
+    staged = [p for p in staging.rglob("*") if p.is_file()]
     assert staged  # samples of the shard that was open: not lost, waiting
     packed_before = {s["__key__"] for s in _read_tars(out)}
     assert len(packed_before) == 40 * len(complete)
