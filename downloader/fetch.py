@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 import sys
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -84,6 +85,27 @@ def _conditions(job: Job) -> dict[str, str]:
     if job.last_modified:
         headers["If-Modified-Since"] = job.last_modified
     return headers
+
+
+#: A URL that yarl would give back unchanged: lower-case host, a port that is not
+#: the scheme's own, no percent sign, no dot segment, letters of the unreserved set
+#: only. Taken as it is (``encoded=True``): 2.4 us instead of 5.8 for the parse that
+#: re-encodes it.
+_AS_GIVEN = re.compile(
+    r"(https?)://[a-z0-9-]+(?:\.[a-z0-9-]+)*(?::([1-9][0-9]{0,4}))?"
+    r"(?:/(?:[A-Za-z0-9_~-][A-Za-z0-9._~-]*(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*/?)?"
+    r"(?:\?[A-Za-z0-9._~=&-]+)?)?"
+)
+
+
+def parse_url(text: str) -> tuple[URL, bool]:
+    """``text`` as yarl's URL, and whether ``str()`` of it is ``text`` exactly."""
+    plain = _AS_GIVEN.fullmatch(text)
+    if plain is not None:
+        port = int(plain[2] or 0)  # yarl drops the scheme's own port from the text
+        if port == 0 or (port <= 65535 and port != (80 if plain[1] == "http" else 443)):
+            return URL(text, encoded=True), True
+    return URL(text), False
 
 
 def _ms_since(started: float) -> int:
@@ -226,7 +248,8 @@ class Fetcher:
 
     async def _download(self, job: Job, stem: str, this_try: _Try) -> Outcome:
         """Follow redirects ourselves: every hop's scheme and address are checked."""
-        url = URL(job.url)
+        start, as_given = parse_url(job.url)
+        url = start
         downgraded = False  # an https hop led to an http one: no credentials from there on
         async with self._turn(url.raw_host or ""):
             for _ in range(self.max_redirects + 1):
@@ -253,7 +276,7 @@ class Fetcher:
                         url = hop
                         continue
                     outcome = await self._respond(job, stem, resp, this_try)
-                    if str(url) != job.url:
+                    if not (url is start and as_given) and str(url) != job.url:
                         outcome = dataclasses.replace(outcome, final_url=str(url))
                     return outcome
         raise _Failed(Reason.TOO_MANY_REDIRECTS, f"more than {self.max_redirects} redirects", None)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import ipaddress
 import socket
 import time
@@ -77,6 +76,11 @@ def _embedded_v4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None
 class NetworkPolicy:
     allow: tuple[IPNetwork, ...] = ()
     block_non_global: bool = True
+    #: check_host's answers by host: hashing the policy for a shared cache hashed every
+    #: network of ``allow`` on every request (issue 5)
+    _verdicts: dict[str, str | None] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_strings(cls, allow: Iterable[str], block_non_global: bool = True) -> NetworkPolicy:
@@ -114,16 +118,19 @@ class NetworkPolicy:
 
     def check_host(self, host: str) -> None:
         """Raise BlockedAddressError if ``host`` is a literal address that is refused."""
-        why = _host_verdict(self, host)
+        try:
+            why = self._verdicts[host]
+        except KeyError:
+            address = parse_host(host)
+            why = self.refuses(address) if address is not None else None
+            if len(self._verdicts) < _VERDICTS_KEPT:
+                self._verdicts[host] = why
         if why:
             raise BlockedAddressError(why)
 
 
-@functools.lru_cache(maxsize=4096)
-def _host_verdict(policy: NetworkPolicy, host: str) -> str | None:
-    """Cached: every request of a run asks about the same few hosts."""
-    address = parse_host(host)
-    return policy.refuses(address) if address is not None else None
+#: Hosts whose answer check_host keeps (a crawl of many hosts must not grow it for ever).
+_VERDICTS_KEPT = 4096
 
 
 class SystemResolver:

@@ -61,6 +61,13 @@ MAX_LINE_BYTES = 1 << 20
 _BAD_URL_CHAR = re.compile(r"[\x00-\x1f\x7f\s]")
 
 
+#: A URL that check_url accepts without taking it apart: a lower-case scheme, a
+#: host of letters, digits, dots and dashes, a port of digits that are not all zero
+#: (within range, checked after), then a path, query or fragment. Most lines
+#: are such URLs; urlsplit for them was 3-4 us a line of the parent (issue 5).
+_PLAINLY_VALID = re.compile(r"https?://[A-Za-z0-9.-]+(?::0*([1-9][0-9]{0,4}))?(?:[/?#].*)?")
+
+
 class InvalidUrl(ValueError):
     """A URL imgdl will not try to fetch; the message says why."""
 
@@ -72,6 +79,9 @@ def check_url(raw: str) -> str:
         raise InvalidUrl("empty URL")
     if _BAD_URL_CHAR.search(url):
         raise InvalidUrl("URL contains whitespace or control characters")
+    plain = _PLAINLY_VALID.fullmatch(url)
+    if plain is not None and (plain[1] is None or int(plain[1]) <= 65535):
+        return url
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError for a bad port

@@ -4,6 +4,7 @@ error, and no name ever lands outside OUTDIR."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from urllib.parse import quote
@@ -11,8 +12,11 @@ from urllib.parse import quote
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
+from downloader import sources
 from downloader.errors import UnsafeNameError
+from downloader.fetch import parse_url
 from downloader.netpolicy import NetworkPolicy, parse_host
 from downloader.outcomes import Job
 from downloader.sources import InvalidUrl, check_url
@@ -135,3 +139,60 @@ def test_the_fast_names_are_the_checked_names(
     except UnsafeNameError:
         got = None
     assert got == expected
+
+
+url_parts = st.builds(
+    lambda scheme, host, port, rest: f"{scheme}://{host}{port}{rest}",
+    st.sampled_from(["http", "https", "HTTP", "ftp"]),
+    st.text(alphabet="aZ09.-_@[]:%é", max_size=12),
+    st.sampled_from(["", ":", ":0", ":00", ":080", ":8a", ":65535", ":65536", ":99999"]),
+    st.text(alphabet="/?#aZ.~%=&[]@:é+ ", max_size=20),
+)
+
+
+def _full_check(raw: str) -> str:
+    """check_url as it was before its shortcut for plainly valid URLs: urlsplit always."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sources, "_PLAINLY_VALID", re.compile(r"(?!)"))
+        try:
+            return check_url(raw)
+        except InvalidUrl as exc:
+            return f"invalid: {exc}"
+
+
+@given(url_parts)
+@settings(max_examples=600)
+def test_check_url_shortcut_answers_as_the_full_parse(raw: str) -> None:
+    try:
+        quick = check_url(raw)
+    except InvalidUrl as exc:
+        quick = f"invalid: {exc}"
+    assert quick == _full_check(raw)
+
+
+@given(
+    st.builds(
+        lambda scheme, host, port, path: f"{scheme}://{host}{port}{path}",
+        st.sampled_from(["http", "https"]),
+        st.text(alphabet="aZ09.-", min_size=1, max_size=10),
+        st.sampled_from(["", ":80", ":443", ":8080", ":0", ":080", ":65535", ":65536", ":99999"]),
+        st.text(alphabet="/?aZ09.~-_=&%+", max_size=24),
+    )
+)
+@settings(max_examples=2000)
+def test_a_url_taken_as_given_is_the_url_yarl_makes(text: str) -> None:
+    """fetch.parse_url skips yarl's re-encoding only where it would change nothing."""
+    try:
+        full = URL(text)
+    except ValueError:
+        return
+    url, as_given = parse_url(text)
+    if as_given:
+        assert str(url) == text == str(full)
+        assert (url.raw_host, url.port, url.raw_path_qs) == (
+            full.raw_host,
+            full.port,
+            full.raw_path_qs,
+        )
+    else:
+        assert url == full

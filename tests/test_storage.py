@@ -4,6 +4,7 @@ the named part files hold for it (no clobbering, nothing partial at a final name
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from pathlib import Path
@@ -35,10 +36,39 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
-@pytest.fixture
-def unnamed(tmp_path: Path) -> None:
+@pytest.fixture(params=["linkat", "proc"])
+def unnamed(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test of unnamed parts runs with both ways of naming them: libc's linkat
+    with AT_EMPTY_PATH, and the link through /proc/self/fd where that is not allowed."""
     if not storage.unnamed_parts_work(tmp_path):
         pytest.skip("this file system makes no O_TMPFILE files")  # not Linux tmpfs/ext4/xfs
+    if request.param == "proc":
+        monkeypatch.setattr(storage, "_linkat", False)
+    elif not storage._linkat:
+        pytest.skip("linkat(AT_EMPTY_PATH) is not allowed here (Linux < 6.10, not root)")
+
+
+def test_unnamed_parts_are_linked_through_proc_where_linkat_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refusing_linkat(*args: object) -> int:
+        return -1  # as libc's linkat does without CAP_DAC_READ_SEARCH on older kernels
+
+    class Libc:
+        linkat = staticmethod(refusing_linkat)
+
+    monkeypatch.setattr(storage.ctypes, "CDLL", lambda *args, **kwargs: Libc())
+    monkeypatch.setattr(storage, "_linkat", None)
+    monkeypatch.setattr(storage, "_unnamed_ok", {})
+    assert storage.unnamed_parts_work(tmp_path) is True
+    assert storage._linkat is False  # decided: through /proc from now on
+    store = _store(tmp_path / "out")
+    part = store.write_part("abc/one", BODY)
+    assert isinstance(part, UnnamedPart)
+    assert asyncio.run(part.commit(".jpg")) == "abc/one.jpg"
+    assert _files(tmp_path / "out") == {"abc/one.jpg": BODY} and _parts(store) == []
 
 
 @pytest.mark.usefixtures("unnamed")
