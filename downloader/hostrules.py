@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import http.cookiejar
 import os
 import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
 from downloader.errors import ConfigError
 from downloader.settings import HostAuth, HostRule, HostsSettings
+
+if TYPE_CHECKING:  # loaded by the rules with a cookies file only (urllib.request with it)
+    import http.cookiejar
 
 REDACTED = "***"
 
@@ -147,6 +149,8 @@ def _shown(path: Path) -> str:
 
 
 def _cookies(rule: HostRule, path: Path) -> tuple[http.cookiejar.Cookie, ...]:
+    import http.cookiejar
+
     jar = http.cookiejar.MozillaCookieJar()
     try:
         with warnings.catch_warnings():  # "http.cookiejar bug!" on a short line

@@ -15,16 +15,18 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
 import pydantic_core
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
 from downloader import __version__
 from downloader.errors import ConfigError
+
+if TYPE_CHECKING:
+    import yaml
 
 ENV_PREFIX = "IMGDL_"
 CONFIG_ENV = "IMGDL_CONFIG"
@@ -33,7 +35,7 @@ DEFAULT_USER_AGENT = f"imgdl/{__version__} (+https://github.com/imgdl/imgdl)"
 
 class _Section(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False, defer_build=True
     )
 
 
@@ -758,23 +760,23 @@ class LogSettings(_Section):
 
 
 class Settings(_Section):
-    input: InputSettings = InputSettings()
-    output: OutputSettings = OutputSettings()
-    s3: S3Settings = S3Settings()
-    run: RunSettings = RunSettings()
-    http: HttpSettings = HttpSettings()
-    network: NetworkSettings = NetworkSettings()
-    tls: TlsSettings = TlsSettings()
-    limits: LimitsSettings = LimitsSettings()
-    hosts: HostsSettings = HostsSettings()
-    retry: RetrySettings = RetrySettings()
-    manners: MannersSettings = MannersSettings()
-    validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
-    image: ImageSettings = ImageSettings()
-    dedupe: DedupeSettings = DedupeSettings()
-    log: LogSettings = LogSettings()
+    input: InputSettings = Field(default_factory=InputSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    run: RunSettings = Field(default_factory=RunSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    hosts: HostsSettings = Field(default_factory=HostsSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    manners: MannersSettings = Field(default_factory=MannersSettings)
+    validate_: ValidateSettings = Field(default_factory=ValidateSettings, alias="validate")
+    image: ImageSettings = Field(default_factory=ImageSettings)
+    dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
 
     @property
     def processes(self) -> int:
@@ -877,6 +879,8 @@ def default_of(model: type[_Section], name: str) -> Any:
 
 def yaml_value(value: Any) -> str:
     """``value`` as one line of YAML, quoted only where YAML needs it."""
+    import yaml  # here, not at the top: a worker never reads YAML (15 ms of its start)
+
     text: str = yaml.safe_dump(value, default_flow_style=True, width=1 << 20)
     return text.removesuffix("...\n").strip()
 
@@ -940,6 +944,8 @@ _MAX_DEPTH = 5  # limits.hosts.<host>.<key> is the deepest key; aliases may nest
 
 def _key_lines(node: yaml.Node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
     """The line of every key (and list item) of a YAML document, by its path."""
+    import yaml  # here, not at the top: a worker never reads YAML (15 ms of its start)
+
     lines: dict[tuple[str, ...], int] = {}
     if len(prefix) >= _MAX_DEPTH:
         return lines
@@ -983,6 +989,8 @@ class _FileLayer:
 
 def _read_yaml(path: Path) -> _FileLayer:
     """Read a config file, noting every unknown section or key (not only the first)."""
+    import yaml  # here, not at the top: a worker never reads YAML (15 ms of its start)
+
     layer = _FileLayer(path)
     try:
         raw = path.read_bytes()
@@ -1081,6 +1089,8 @@ def _is_list(key: str) -> bool:
 
 
 def _read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    import yaml  # here, not at the top: a worker never reads YAML (15 ms of its start)
+
     out: dict[str, tuple[Any, str]] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
