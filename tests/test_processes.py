@@ -233,6 +233,54 @@ def test_a_retried_shard_does_not_glue_its_first_record_to_a_torn_line(tmp_path:
     assert [o.line for o, _ in read_lines(journal)] == [1, 2]
 
 
+def test_a_journal_writes_a_turn_of_the_event_loop_at_once_and_reports_a_failed_write(
+    tmp_path: Path,
+) -> None:
+    """In the event loop, the records of one turn go to the OS in one write at its end
+    (before the loop waits again); a write that fails (disk full: /dev/full) is raised
+    by the next record or by close, not lost in a callback."""
+    import asyncio
+
+    from downloader.outcomes import Job, Outcome, Reason
+    from downloader.shardrun import Journal, JournalError
+    from downloader.state import read_lines
+
+    def outcome(line: int) -> Outcome:
+        return Outcome.not_saved(Job(url=f"http://x/{line}", input="a", line=line), Reason.TIMEOUT)
+
+    journal = tmp_path / "shard.jsonl"
+
+    async def in_turns() -> list[int]:
+        writer = Journal(journal)
+        writer.write(outcome(1))
+        writer.write(outcome(2))
+        assert journal.read_bytes() == b""  # still this turn
+        await asyncio.sleep(0)
+        on_disk = [o.line for o, _ in read_lines(journal)]
+        writer.write(outcome(3))
+        writer.close()
+        assert writer.counts == {"timeout": 3}
+        return on_disk
+
+    assert asyncio.run(in_turns()) == [1, 2]
+    assert [o.line for o, _ in read_lines(journal)] == [1, 2, 3]
+
+    async def full_disk() -> None:
+        writer = Journal(Path("/dev/full"))
+        writer.write(outcome(1))  # the write is at the turn's end
+        await asyncio.sleep(0)
+        with pytest.raises(JournalError, match="No space left"):
+            writer.write(outcome(2))
+        with pytest.raises(JournalError):
+            writer.close()
+
+    asyncio.run(full_disk())
+    outside = Journal(Path("/dev/full"))  # no event loop: each record at once
+    with pytest.raises(JournalError, match="No space left"):
+        outside.write(outcome(1))
+    outside.close()  # raised to the writer already
+
+
 def test_workers_come_from_a_fork_server_reaped_before_the_parent_exits(
     server: DevServer, tmp_path: Path
 ) -> None:
