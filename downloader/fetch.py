@@ -255,8 +255,12 @@ class Fetcher:
             for _ in range(self.max_redirects + 1):
                 self.policy.check_host(url.raw_host or "")
                 # each hop gets the headers of its own host's rule, and only those
-                headers = {**_conditions(job), **self.hosts.headers_for(url, downgraded)}
-                proxy = await self._proxy_for(url)
+                headers = self.hosts.headers_for(url, downgraded)
+                if job.etag or job.last_modified:  # revalidating an image saved before
+                    headers = {**_conditions(job), **headers}
+                proxy = self.proxies.for_url(url)
+                if proxy is not None:
+                    await self._check_proxy(url, proxy)
                 async with await self._request(url, headers, proxy) as resp:
                     if resp.status == 304 and job.revalidating:
                         return Outcome.not_saved(
@@ -281,18 +285,15 @@ class Fetcher:
                     return outcome
         raise _Failed(Reason.TOO_MANY_REDIRECTS, f"more than {self.max_redirects} redirects", None)
 
-    async def _proxy_for(self, url: URL) -> Proxy | None:
-        """The proxy of ``url``, once the proxy's address and the target's addresses
-        passed the network policy (the GuardedResolver sees neither: aiohttp does not
-        resolve a literal proxy address, and the proxy resolves the target)."""
-        proxy = self.proxies.for_url(url)
-        if proxy is not None:
-            try:
-                self.policy.check_host(proxy.url.raw_host or "")
-            except BlockedAddressError as exc:
-                raise BlockedAddressError(f"proxy {proxy.shown}: {exc}") from None
-            await self.target_check.check(url.raw_host or "")
-        return proxy
+    async def _check_proxy(self, url: URL, proxy: Proxy) -> None:
+        """The proxy's address and the target's addresses through the network policy
+        (the GuardedResolver sees neither: aiohttp does not resolve a literal proxy
+        address, and the proxy resolves the target)."""
+        try:
+            self.policy.check_host(proxy.url.raw_host or "")
+        except BlockedAddressError as exc:
+            raise BlockedAddressError(f"proxy {proxy.shown}: {exc}") from None
+        await self.target_check.check(url.raw_host or "")
 
     async def _request(
         self, url: URL, headers: dict[str, str], proxy: Proxy | None = None
