@@ -20,7 +20,7 @@ def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]
 
 def test_compare_runs_and_verifies_every_file(tmp_path: Path) -> None:
     result = _bench(
-        "bench/compare.py", "--count", "200", "--rows", "imgdl,naive-aiohttp",
+        "bench/compare.py", "--count", "200", "--rows", "imgdl,naive-aiohttp", "--rounds", "2",
         "--server", "python", "--no-ceiling", "--no-write", "--work", str(tmp_path / "work"),
     )  # fmt: skip
     rows = {
@@ -31,12 +31,13 @@ def test_compare_runs_and_verifies_every_file(tmp_path: Path) -> None:
     assert set(rows) == {"imgdl", "naive-aiohttp"}, result.stdout
     for name, cells in rows.items():
         assert cells[5].strip() == "200", (name, cells)  # verified on disk, byte for byte
+        assert len(cells[7].split(",")) == 2, (name, cells)  # images/s of both rounds
     assert "start-up to first request" in result.stdout
 
 
 def test_resize_row_is_verified_by_decoding_at_the_target_size(tmp_path: Path) -> None:
     result = _bench(
-        "bench/compare.py", "--count", "40", "--rows", "imgdl-resize",
+        "bench/compare.py", "--count", "40", "--rows", "imgdl-resize", "--rounds", "1",
         "--server", "python", "--no-ceiling", "--no-write", "--work", str(tmp_path / "w"),
     )  # fmt: skip
     (row,) = [line.split("|") for line in result.stdout.splitlines() if "| imgdl-resize" in line]
