@@ -416,6 +416,13 @@ def median_run(runs: list[dict[str, object]]) -> dict[str, object]:
     return chosen
 
 
+def _at_least_one(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {number}")
+    return number
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20_000)
@@ -425,10 +432,11 @@ def main() -> int:
     parser.add_argument("--disk", type=Path, default=Path("/var/tmp/imgdl-bench-disk"))
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=_at_least_one,
         default=3,
         help="run every row this many times, in rounds (each round starting at another "
-        "row); the table gives each row's median run (default 3)",
+        "row); the table gives each row's median run, the slower of the middle two for "
+        "an even number (default 3)",
     )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the wrk run")

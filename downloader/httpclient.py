@@ -274,7 +274,9 @@ class _Clock:
             self._timer = self.loop.call_later(self.interval, self._sweep)
 
     def stop(self) -> None:
-        if self._timer is not None:
+        """At the client's close; a wait still in progress keeps the timer that ends it
+        (review of issue 5: a request waiting for its head then waited for ever)."""
+        if self._timer is not None and not self.waiting:
             self._timer.cancel()
             self._timer = None
 

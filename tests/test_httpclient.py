@@ -485,3 +485,26 @@ def test_an_address_that_never_answers_is_passed_over_for_the_next(client: str) 
     [(status, reason, error)] = result["records"]
     assert status == "saved", (reason, error)
     assert "Traceback" not in result["stderr_tail"]
+
+
+def test_closing_the_client_does_not_strand_a_wait_in_progress(server: DevServer) -> None:
+    """The client's one timer ends every wait; close() stopped it, and a request that
+    was waiting for its head waited for ever instead of failing after http.read_timeout
+    (review of issue 5)."""
+    from yarl import URL
+
+    from downloader.httpclient import HttpClient
+    from downloader.netpolicy import NetworkPolicy
+    from downloader.settings import load
+
+    async def main() -> str:
+        env = {"IMGDL_NETWORK_ALLOW": "[127.0.0.0/8]", "IMGDL_HTTP__READ_TIMEOUT": "0.5"}
+        client = HttpClient(load(env=env).settings, NetworkPolicy.from_strings(["127.0.0.0/8"]))
+        task = asyncio.create_task(client.get(URL(f"{server.url}/hang/1"), {}))
+        await asyncio.sleep(0.2)
+        await client.close()
+        with pytest.raises(TimeoutError) as caught:
+            await asyncio.wait_for(task, 5)  # the test's own bound: an empty message = hung
+        return str(caught.value)
+
+    assert "http.read_timeout" in asyncio.run(main())

@@ -16,7 +16,7 @@ from yarl import URL
 
 from downloader import sources
 from downloader.errors import UnsafeNameError
-from downloader.fetch import parse_url
+from downloader.fetch import _AS_GIVEN, parse_url
 from downloader.netpolicy import NetworkPolicy, parse_host
 from downloader.outcomes import Job
 from downloader.sources import InvalidUrl, check_url
@@ -196,3 +196,33 @@ def test_a_url_taken_as_given_is_the_url_yarl_makes(text: str) -> None:
         )
     else:
         assert url == full
+
+
+@given(st.from_regex(_AS_GIVEN, fullmatch=True))
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_url_of_the_fast_pattern_parses_as_yarl_parses_it(text: str) -> None:
+    """Drives parse_url's fast path itself (the test above reaches it in about one
+    example of thirty), and holds it to the full parse when that refuses too."""
+    try:
+        full = URL(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            parse_url(text)
+        return
+    url, as_given = parse_url(text)
+    assert not as_given or str(url) == text
+    for name in ("raw_host", "host", "port", "raw_path_qs", "path", "query_string",
+                 "fragment", "raw_user", "host_port_subcomponent"):  # fmt: skip
+        assert getattr(url, name) == getattr(full, name), name
+    assert url == full and str(url.join(URL("../x?y"))) == str(full.join(URL("../x?y")))
+
+
+@given(st.from_regex(sources._PLAINLY_VALID, fullmatch=True))
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_url_of_the_shortcut_is_judged_as_the_full_parse_judges_it(raw: str) -> None:
+    """check_url's shortcut itself (the test above reaches it in about 4 of 600)."""
+    try:
+        quick = check_url(raw)
+    except InvalidUrl as exc:
+        quick = f"invalid: {exc}"
+    assert quick == _full_check(raw)
