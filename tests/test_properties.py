@@ -160,9 +160,11 @@ def _full_check(raw: str) -> str:
             return f"invalid: {exc}"
 
 
-@given(url_parts)
-@settings(max_examples=600)
+@given(st.one_of(url_parts, st.from_regex(sources._PLAINLY_VALID, fullmatch=True)))
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
 def test_check_url_shortcut_answers_as_the_full_parse(raw: str) -> None:
+    """Near misses of the shortcut's pattern, and inputs drawn from the pattern itself
+    (the near misses alone reached the shortcut in 4 of 600 examples)."""
     try:
         quick = check_url(raw)
     except InvalidUrl as exc:
@@ -215,14 +217,3 @@ def test_every_url_of_the_fast_pattern_parses_as_yarl_parses_it(text: str) -> No
                  "fragment", "raw_user", "host_port_subcomponent"):  # fmt: skip
         assert getattr(url, name) == getattr(full, name), name
     assert url == full and str(url.join(URL("../x?y"))) == str(full.join(URL("../x?y")))
-
-
-@given(st.from_regex(sources._PLAINLY_VALID, fullmatch=True))
-@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
-def test_every_url_of_the_shortcut_is_judged_as_the_full_parse_judges_it(raw: str) -> None:
-    """check_url's shortcut itself (the test above reaches it in about 4 of 600)."""
-    try:
-        quick = check_url(raw)
-    except InvalidUrl as exc:
-        quick = f"invalid: {exc}"
-    assert quick == _full_check(raw)
