@@ -384,21 +384,18 @@ def run_one(
     i2d_problem: str | None,
 ) -> dict[str, object]:
     """One run of the row ``name``: its measurements, or why it was not run."""
-    if name == DISK_ROW:
-        args.disk.mkdir(parents=True, exist_ok=True)
-        command = imgdl()(listing, args.disk / "out", args.in_flight)
-        row = run_row(name, command, args.disk / "out", digests)
-        row["note"] = "imgdl fetch, defaults, output on the disk file system"
-        return row
-    if name not in ROWS:
-        raise SystemExit(f"unknown row {name!r}; rows: {', '.join([*ROWS, DISK_ROW])}")
     if missing_tools.get(name):
         return {"row": name, "skipped": f"apt-get could not install {name}"}
     if name in I2D_ROWS and i2d_problem:
         return {"row": name, "skipped": i2d_problem}
-    build, note = ROWS[name]
-    command = build(listing, work / f"out-{name}", args.in_flight)
-    row = run_row(name, command, work / f"out-{name}", digests)
+    if name == DISK_ROW:
+        args.disk.mkdir(parents=True, exist_ok=True)
+        build, note = imgdl(), "imgdl fetch, defaults, output on the disk file system"
+        out = args.disk / "out"
+    else:
+        build, note = ROWS[name]
+        out = work / f"out-{name}"
+    row = run_row(name, build(listing, out, args.in_flight), out, digests)
     row["note"] = note
     return row
 
@@ -445,6 +442,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     wanted = args.rows.split(",")
+    unknown = [name for name in wanted if name not in ROWS and name != DISK_ROW]
+    if unknown:  # before any measurement, not after minutes of it
+        raise SystemExit(f"unknown row {unknown[0]!r}; rows: {', '.join([*ROWS, DISK_ROW])}")
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     names_digests = corpus.ensure(work / "corpus", args.count)

@@ -256,8 +256,9 @@ class Fetcher:
                 self.policy.check_host(url.raw_host or "")
                 # each hop gets the headers of its own host's rule, and only those
                 headers = self.hosts.headers_for(url, downgraded)
-                if job.etag or job.last_modified:  # revalidating an image saved before
-                    headers = {**_conditions(job), **headers}
+                conditions = _conditions(job)
+                if conditions:  # revalidating an image saved before
+                    headers = {**conditions, **headers}
                 proxy = self.proxies.for_url(url)
                 if proxy is not None:
                     await self._check_proxy(url, proxy)

@@ -252,7 +252,10 @@ class _Clock:
     """The timeouts of a client's waits: one timer that looks at the waiting responses
     every ``interval`` seconds, instead of a timer started and cancelled for every wait
     (2-3 us of a 20 KB download, issue 5). A wait ends at most ``interval`` late:
-    a quarter of the shortest timeout, and never more than a quarter of a second."""
+    a quarter of the shortest timeout, and never more than a quarter of a second.
+    The timer stops itself once nothing waits, and nothing else stops it: a request
+    still waiting when the client closes must still get its timeout (a ``stop`` at
+    close left one waiting for ever, review of issue 5)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, shortest_timeout: float) -> None:
         self.loop = loop
@@ -272,13 +275,6 @@ class _Clock:
             response._expire()
         if self.waiting:
             self._timer = self.loop.call_later(self.interval, self._sweep)
-
-    def stop(self) -> None:
-        """At the client's close; a wait still in progress keeps the timer that ends it
-        (review of issue 5: a request waiting for its head then waited for ever)."""
-        if self._timer is not None and not self.waiting:
-            self._timer.cancel()
-            self._timer = None
 
 
 class _Connection(asyncio.Protocol):
@@ -586,7 +582,6 @@ class HttpClient:
         raise ConnectError(f"cannot connect to {host}:{port} ({tried})")
 
     async def close(self) -> None:
-        self.clock.stop()
         for pool in self._idle.values():
             for connection in pool:
                 connection.close()

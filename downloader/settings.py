@@ -776,7 +776,7 @@ class Settings(_Section):
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @property
     def processes(self) -> int:

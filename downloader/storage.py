@@ -247,7 +247,7 @@ class Store:
         final_dir = f"{self._root_text}/{head}" if head else self._root_text
         if final_dir in self._checked_dirs:
             return
-        below = os.path.dirname(stem).split("/")
+        below = head.split("/")
         try:
             os.mkdir(final_dir)
             below.pop()  # made here: a real folder
@@ -398,23 +398,31 @@ def _link_unnamed(fd: int, name: str) -> None:
     os.link(str(fd), name, src_dir_fd=_proc_fds[1])
 
 
-def _try_linkat(fd: int, name: str) -> bool:
-    """Decide once per process how unnamed parts get their name: libc's linkat with
-    AT_EMPTY_PATH if it works here. True if it did: ``fd`` was linked to ``name``
-    and ``name`` removed again."""
-    global _linkat
-    _linkat = False
+def _load_linkat() -> Any:
+    """libc's linkat, typed for ctypes; False where there is none to load."""
     try:
         linkat = ctypes.CDLL(None, use_errno=True).linkat
     except (OSError, AttributeError):  # no libc to load, or no linkat in it
         return False
     linkat.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int)
     linkat.restype = ctypes.c_int
-    if linkat(fd, b"", _AT_FDCWD, os.fsencode(name), _AT_EMPTY_PATH) != 0:
-        return False
-    _linkat = linkat
-    os.unlink(name)
-    return True
+    return linkat
+
+
+def _probe_link(fd: int, name: str) -> None:
+    """Link ``fd`` to ``name`` as every part will be; the first probe of a process also
+    decides how (AT_EMPTY_PATH where the kernel allows it, else through /proc)."""
+    global _linkat
+    deciding = _linkat is None
+    if deciding:
+        _linkat = _load_linkat()
+    try:
+        _link_unnamed(fd, name)
+    except OSError:
+        if not (deciding and _linkat):
+            raise
+        _linkat = False  # refused here (not root, Linux before 6.10): through /proc
+        _link_unnamed(fd, name)  # nothing was linked: an O_TMPFILE file links once
 
 
 def _open_unnamed(parts: Path) -> int:
@@ -432,10 +440,8 @@ def unnamed_parts_work(parts: Path) -> bool:
             try:
                 fd = _open_unnamed(parts)
                 try:
-                    # a file made with O_TMPFILE can be linked once: one way or the other
-                    if _linkat is not None or not _try_linkat(fd, probe):
-                        _link_unnamed(fd, probe)
-                        os.unlink(probe)
+                    _probe_link(fd, probe)
+                    os.unlink(probe)
                     _unnamed_ok[key] = True
                 finally:
                     os.close(fd)
