@@ -87,19 +87,11 @@ class Response:
         self._wait_bound: float | None = None  # ...by read_timeout (else by the deadline)
 
     # -- fed by the connection --------------------------------------------------------
-    def _head_complete(self, raw: list[tuple[bytes, bytes]]) -> None:
-        """``raw``: the header lines as parsed, decoded here in one go (a decode and a
-        multidict insert per header as it came cost a few us per response, issue 5)."""
+    def _head_complete(self, fields: list[str]) -> None:
+        """``fields``: the header lines as decoded text, name and value in turn
+        (``_Connection.on_headers_complete``)."""
         self.headers = headers = CIMultiDictProxy(
-            CIMultiDict(
-                [
-                    (
-                        name.decode("utf-8", "surrogateescape"),
-                        value.decode("utf-8", "surrogateescape"),
-                    )
-                    for name, value in raw
-                ]
-            )
+            CIMultiDict(zip(fields[::2], fields[1::2], strict=True))
         )
         length = headers.get("Content-Length")
         if length is not None and length.strip().isdigit():
@@ -299,9 +291,8 @@ class _Connection(asyncio.Protocol):
         self.usable = True
         self.idle_since = 0.0
         self._head_bytes = 0  # received while the head is incomplete
-        self._header_bytes = 0  # the head's header lines, as parsed
         self._reason = b""
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._raw_headers: list[bytes] = []  # name, value, name, value... as parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -336,35 +327,22 @@ class _Connection(asyncio.Protocol):
     # parser callbacks (httptools): they must not raise
     def on_message_begin(self) -> None:
         self._reason = b""
-        self._header_bytes = 0
         self._raw_headers = []
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        response = self.response
-        assert response is not None
-        if len(name) + len(value) > MAX_HEADER_LINE:
-            response._fail(ProtocolError(f"a header line longer than {MAX_HEADER_LINE} bytes"))
-            self.close()
-            return
-        if b"\0" in value:  # lenient parsing lets it through; RFC 9110 5.5 forbids it
-            response._fail(ProtocolError(f"a NUL byte in the value of header {name!r}"))
-            self.close()
-            return
-        self._header_bytes += len(name) + len(value) + 4
-        self._raw_headers.append((name, value.rstrip(b" \t")))  # OWS after the value
+        # Only collected here: the checks run once per head (on_headers_complete), a
+        # few us a response less than a call's worth of checks per header (issue 5).
+        self._raw_headers += (name, value)
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
         status = self.parser.get_status_code()
-        if response._error is not None:  # a header refused above: no head to hand out
-            return
-        if self._header_bytes > MAX_HEAD_BYTES:  # a whole head that came in one read
-            response._fail(ProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes"))
-            self.close()
+        fields = self._head_fields(response)
+        if fields is None:  # refused: no head to hand out
             return
         if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
             self._raw_headers = []
@@ -372,7 +350,40 @@ class _Connection(asyncio.Protocol):
         response.status = status
         response.keep_alive = self.parser.should_keep_alive()  # reset once the message ends
         response.reason = self._reason.decode("utf-8", "surrogateescape") or None
-        response._head_complete(self._raw_headers)
+        response._head_complete(fields)
+
+    def _head_fields(self, response: Response) -> list[str] | None:
+        """The head's header lines as text, name and value in turn, OWS after each
+        value dropped (RFC 9110 5.5); None, the response failed, for a line longer
+        than MAX_HEADER_LINE, a NUL (lenient parsing lets one through; RFC 9110 5.5
+        forbids it) or a head longer than MAX_HEAD_BYTES (one that came in a single
+        read: data_received caps the others)."""
+        raw = self._raw_headers
+        if not raw:
+            return []
+        joined = b"\0".join(raw)
+        content = len(joined) - (len(raw) - 1)  # the bytes of the names and values
+        if content > MAX_HEADER_LINE:  # one of the lines may be too long: each in turn
+            for index in range(0, len(raw), 2):
+                if len(raw[index]) + len(raw[index + 1]) > MAX_HEADER_LINE:
+                    self._refuse(response, f"a header line longer than {MAX_HEADER_LINE} bytes")
+                    return None
+        if joined.count(b"\0") != len(raw) - 1:  # a NUL of the server's, not a seam
+            name = next(raw[i] for i in range(0, len(raw), 2) if b"\0" in raw[i] + raw[i + 1])
+            self._refuse(response, f"a NUL byte in the value of header {name!r}")
+            return None
+        if content + 2 * len(raw) > MAX_HEAD_BYTES:  # ": " and CRLF: 4 bytes a line
+            self._refuse(response, f"response head longer than {MAX_HEAD_BYTES} bytes")
+            return None
+        # one decode for the whole head (a NUL, never part of a UTF-8 sequence, splits
+        # it back into its fields)
+        fields = joined.decode("utf-8", "surrogateescape").split("\0")
+        fields[1::2] = [value.rstrip(" \t") for value in fields[1::2]]
+        return fields
+
+    def _refuse(self, response: Response, problem: str) -> None:
+        response._fail(ProtocolError(problem))
+        self.close()
 
     def on_body(self, body: bytes) -> None:
         response = self.response

@@ -218,3 +218,78 @@ def test_every_url_of_the_fast_pattern_parses_as_yarl_parses_it(text: str) -> No
                  "fragment", "raw_user", "host_port_subcomponent"):  # fmt: skip
         assert getattr(url, name) == getattr(full, name), name
     assert url == full and str(url.join(URL("../x?y"))) == str(full.join(URL("../x?y")))
+
+
+header_name = st.from_regex(rb"\A[A-Za-z0-9!#$%&'*+.^_`|~-]{1,20}\Z")
+header_value = st.one_of(
+    st.binary(max_size=40).filter(lambda v: b"\r" not in v and b"\n" not in v),
+    st.sampled_from([b"gzip ", b"a\t", b"caf\xc3\xa9", b"\xff\xfe", b"x\x00y", b"  ", b"e\xcc"]),
+)
+
+
+def _head_as_parsed(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[str, str]], str | None]:
+    """What the client's response holds for these header lines: the fields, or the
+    refusal; the head is fed through the real connection and its llhttp parser."""
+    import asyncio
+
+    from downloader.httpclient import HttpClient, Response, _Connection
+    from downloader.settings import Settings
+
+    class Transport:
+        closed = False
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+    async def scenario() -> tuple[list[tuple[str, str]], str | None]:
+        client = HttpClient(Settings(), NetworkPolicy())
+        connection = _Connection(client, ("http", "example.test", 80))
+        connection.connection_made(Transport())  # type: ignore[arg-type]
+        response = Response(connection, client.loop.time() + 5, 5)
+        connection.send(response, b"GET / HTTP/1.1\r\n\r\n")
+        lines = b"".join(name + b": " + value + b"\r\n" for name, value in raw)
+        connection.data_received(b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 0\r\n\r\n")
+        try:
+            await response._read_head()
+        except Exception as exc:
+            return [], str(exc)
+        return list(response.headers.items()), None
+
+    return asyncio.run(scenario())
+
+
+@given(st.lists(st.tuples(header_name, header_value), max_size=8))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_response_headers_are_read_as_each_line_alone_would_be(
+    raw: list[tuple[bytes, bytes]],
+) -> None:
+    """The client checks and decodes a head's header lines all at once (issue 5); the
+    result is what each line on its own gives: its name and value decoded (UTF-8, an
+    undecodable byte kept as a surrogate), spaces and tabs at the value's ends
+    dropped, and a NUL anywhere refused."""
+    fields, refusal = _head_as_parsed(raw)
+    if any(b"\x00" in value for _, value in raw):
+        assert refusal is not None and "NUL byte" in refusal
+        return
+    assert refusal is None
+    expected = [
+        (name.decode(), value.strip(b" \t").decode("utf-8", "surrogateescape"))
+        for name, value in raw
+    ]
+    assert fields == [*expected, ("Content-Length", "0")]
+
+
+def test_a_header_line_too_long_is_refused_and_one_just_short_is_read() -> None:
+    from downloader.httpclient import MAX_HEADER_LINE
+
+    name = b"X-Long"
+    fine, _ = _head_as_parsed([(name, b"v" * (MAX_HEADER_LINE - len(name)))])
+    assert fine[0] == ("X-Long", "v" * (MAX_HEADER_LINE - len(name)))
+    _, refusal = _head_as_parsed([(name, b"v" * (MAX_HEADER_LINE - len(name) + 1))])
+    assert refusal is not None and "header line longer than" in refusal
