@@ -49,6 +49,8 @@ MAX_HEADER_LINE = 16 * 1024
 KEEPALIVE_SECONDS = 15.0
 #: What a request past ``http.total_timeout`` fails with.
 TOTAL_TIMEOUT = "the request took longer than http.total_timeout"
+#: Origins whose request head (_head_for) a client keeps; all are let go past this.
+HEADS_KEPT = 1024
 #: A body buffered beyond this stops reading from the socket until the reader catches up.
 HIGH_WATER = 1024 * 1024
 LOW_WATER = 256 * 1024
@@ -458,6 +460,7 @@ class HttpClient:
             "accept-encoding": ("Accept-Encoding", "identity"),
         }
         self._fixed = "".join(_header_value(n, v) for n, v in self._defaults.values())
+        self._heads: dict[tuple[str, str], bytes] = {}
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._idle_count = 0
 
@@ -488,6 +491,15 @@ class HttpClient:
             return response
 
     def _request(self, url: URL, headers: Mapping[str, str]) -> bytes:
+        if not headers and url.raw_user is None:  # the common request: a cached head
+            head = self._heads.get((url.scheme, url.raw_authority))
+            if head is None:
+                head = self._head_for(url)
+            return b"GET " + (url.raw_path_qs or "/").encode("utf-8", "surrogateescape") + head
+        return self._request_lines(url, headers)
+
+    def _request_lines(self, url: URL, headers: Mapping[str, str]) -> bytes:
+        """The request, built line by line."""
         lines = [f"GET {url.raw_path_qs or '/'} HTTP/1.1\r\n"]
         given = {name.lower() for name in headers}
         if "host" not in given:
@@ -504,6 +516,19 @@ class HttpClient:
         lines += [_header_value(name, value) for name, value in headers.items()]
         lines.append("\r\n")
         return "".join(lines).encode("utf-8", "surrogateescape")
+
+    def _head_for(self, url: URL) -> bytes:
+        """The rest of a request with no headers of its own to ``url``'s origin, after
+        its path: the same bytes as ``_request_lines`` builds, kept per origin (at
+        most HEADS_KEPT origins) for the next request there (issue 5: 1.5 % of a
+        worker's CPU instructions went to building them)."""
+        if len(self._heads) >= HEADS_KEPT:
+            self._heads.clear()
+        head = f" HTTP/1.1\r\nHost: {url.host_port_subcomponent}\r\n{self._fixed}\r\n"
+        self._heads[url.scheme, url.raw_authority] = encoded = head.encode(
+            "utf-8", "surrogateescape"
+        )
+        return encoded
 
     def _take(self, key: tuple[str, str, int]) -> _Connection | None:
         """An idle connection to ``key`` that can still carry a request, if any."""

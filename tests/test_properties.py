@@ -293,3 +293,47 @@ def test_a_header_line_too_long_is_refused_and_one_just_short_is_read() -> None:
     assert fine[0] == ("X-Long", "v" * (MAX_HEADER_LINE - len(name)))
     _, refusal = _head_as_parsed([(name, b"v" * (MAX_HEADER_LINE - len(name) + 1))])
     assert refusal is not None and "header line longer than" in refusal
+
+
+@given(
+    st.sampled_from(["http", "https", "HTTP"]),
+    st.sampled_from(
+        ["example.com", "Example.COM", "[::1]", "127.0.0.1", "xn--caf-dma.fr", "bücher.de"]
+    ),
+    st.sampled_from(["", ":80", ":443", ":8080"]),
+    st.from_regex(r"\A(/[a-zA-Z0-9%._~-]{0,12}){0,3}(\?[a-z=&%0-9]{0,10})?\Z"),
+)
+@settings(max_examples=300)
+def test_a_request_head_kept_per_origin_is_the_one_built_line_by_line(
+    scheme: str, host: str, port: str, path: str
+) -> None:
+    """``HttpClient._request`` keeps the head of a plain request per origin (issue 5):
+    for the first request there and the next, it is byte for byte the request built
+    line by line."""
+    import asyncio
+
+    from downloader.httpclient import HttpClient
+    from downloader.settings import Settings
+
+    async def scenario() -> None:
+        client = HttpClient(Settings(), NetworkPolicy())
+        url, _ = parse_url(f"{scheme}://{host}{port}{path}")
+        for _ in range(2):
+            assert client._request(url, {}) == client._request_lines(url, {})
+
+    asyncio.run(scenario())
+
+
+def test_request_heads_are_kept_for_at_most_heads_kept_origins() -> None:
+    import asyncio
+
+    from downloader.httpclient import HEADS_KEPT, HttpClient
+    from downloader.settings import Settings
+
+    async def scenario() -> int:
+        client = HttpClient(Settings(), NetworkPolicy())
+        for port in range(1, HEADS_KEPT + 500):
+            client._request(parse_url(f"http://127.0.0.1:{port}/a.jpg")[0], {})
+        return len(client._heads)
+
+    assert 0 < asyncio.run(scenario()) <= HEADS_KEPT
