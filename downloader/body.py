@@ -13,7 +13,7 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from downloader.httpclient import ResponseLike
+from downloader.httpclient import Response, ResponseLike
 from downloader.outcomes import Reason
 
 CHUNK_BYTES = 64 * 1024
@@ -40,6 +40,18 @@ class Body:
         self.inflater = (
             zlib.decompressobj(_GZIP_OR_ZLIB) if encoding not in ("", "identity") else None
         )
+
+    def arrived(self, at_most: int) -> list[bytes] | None:
+        """The chunks of an identity body of at most ``at_most`` bytes that the client
+        has all of already (``Response.arrived``), else None: read it with ``chunks``.
+        Iterating such a body asynchronously, chunk by chunk under the speed floor, was
+        about 5 % of a worker's CPU instructions (issue 5)."""
+        if self.inflater is not None or not isinstance(self.resp, Response):
+            return None
+        chunks = self.resp.arrived(at_most)
+        if chunks is not None:
+            self.raw_bytes = sum(map(len, chunks))
+        return chunks
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The body's decoded chunks. An identity body (nearly every image) is read

@@ -370,30 +370,37 @@ class Fetcher:
             held: list[bytes] = []
             image: ImageType | None = None
             dimensions: tuple[int, int] | None = None
-            async for chunk in body.chunks():
-                size += len(chunk)
-                if size > self.max_bytes:
-                    raise _Failed(
-                        Reason.TOO_LARGE, f"body exceeds max_bytes {self.max_bytes}", status
-                    )
-                digest.update(chunk)
+            arrived = body.arrived(self.spool_bytes)
+            if arrived is not None:  # all in already: the loop's checks, with no waits
+                held, size = arrived, self._capped(body.raw_bytes, status)
+                for chunk in held:
+                    digest.update(chunk)
                 if expected is not None:
-                    expected.update(chunk)
-                if part is not None:
-                    await part.write(chunk)
-                    continue
-                held.append(chunk)
-                if image is None:
-                    head = b"".join(held)
-                    if len(head) < sniff_needs(head):
-                        continue
+                    expected.update(b"".join(held))
+                head = b"".join(held)
+                if len(head) >= sniff_needs(head):  # else after the hash, as the loop does
                     image = self._sniffed(head, resp, status)
-                if size > self.spool_bytes:
-                    first = b"".join(held)
-                    dimensions = image_size(image.name, first)  # from the bytes in hand
-                    part = await self.store.open_part(stem)
-                    await part.write(first)
-                    held = []
+            else:
+                async for chunk in body.chunks():
+                    size = self._capped(size + len(chunk), status)
+                    digest.update(chunk)
+                    if expected is not None:
+                        expected.update(chunk)
+                    if part is not None:
+                        await part.write(chunk)
+                        continue
+                    held.append(chunk)
+                    if image is None:
+                        head = b"".join(held)
+                        if len(head) < sniff_needs(head):
+                            continue
+                        image = self._sniffed(head, resp, status)
+                    if size > self.spool_bytes:
+                        first = b"".join(held)
+                        dimensions = image_size(image.name, first)  # from the bytes in hand
+                        part = await self.store.open_part(stem)
+                        await part.write(first)
+                        held = []
             if declared is not None and body.raw_bytes < declared:
                 raise _Failed(Reason.TRUNCATED, f"got {body.raw_bytes} of {declared} bytes", status)
             mismatch = expected.mismatch(digest.hexdigest()) if expected is not None else None
@@ -504,6 +511,11 @@ class Fetcher:
         if self.limiter is None:
             return nullcontext()
         return self.limiter.request(host)
+
+    def _capped(self, size: int, status: int) -> int:
+        if size > self.max_bytes:
+            raise _Failed(Reason.TOO_LARGE, f"body exceeds max_bytes {self.max_bytes}", status)
+        return size
 
     def _sniffed(self, head: bytes, resp: ResponseLike, status: int) -> ImageType:
         try:

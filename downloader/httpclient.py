@@ -185,6 +185,17 @@ class Response:
                 raise self._error
             await self._wait()
 
+    def arrived(self, at_most: int) -> list[bytes] | None:
+        """The whole body, taken at once, if all of it is in already and it is at most
+        ``at_most`` bytes (a small image on a fast network nearly always): no wait,
+        no deadline to watch. None otherwise (read it with ``iter_chunked``)."""
+        if not self.complete or self._error is not None or self._buffered > at_most:
+            return None
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0  # below LOW_WATER: reading was not paused
+        return chunks
+
     def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
         """The body in chunks of at most ``n`` bytes, as aiohttp's ``StreamReader``."""
         return _Chunks(self, n)

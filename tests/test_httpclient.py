@@ -508,3 +508,61 @@ def test_closing_the_client_does_not_strand_a_wait_in_progress(server: DevServer
         return str(caught.value)
 
     assert "http.read_timeout" in asyncio.run(main())
+
+
+def test_a_body_all_in_at_once_gets_every_check_the_streamed_one_gets(
+    scripted: Callable[[Handler], ScriptedServer], tmp_path: Path
+) -> None:
+    """A small body that is all in when its head is read is taken in one piece, not
+    read chunk by chunk (issue 5); it is held to the same checks: the size cap with no
+    Content-Length to refuse it early, the list's expected hash, the sniffed type,
+    and an image sent in two writes (read in pieces) is saved the same as one in one."""
+    image = SMALL[1]
+    chunked = f"{len(image):x}\r\n".encode() + image + b"\r\n0\r\n\r\n"
+
+    async def whole(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, n: int
+    ) -> bool:
+        kind = path.split("/")[1]
+        if kind == "chunked":  # no Content-Length: only the cap on what came stops it
+            writer.write(_head(None, "Transfer-Encoding: chunked") + chunked)
+        elif kind == "text":
+            text = b"not an image, only a few words about one. " * 2
+            writer.write(_head(len(text)) + text)
+        elif kind == "split":  # the head, then the body a moment later
+            writer.write(_head(len(image)))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(image)
+        else:
+            writer.write(_head(len(image)) + image)
+        await writer.drain()
+        return True
+
+    server = scripted(whole)
+    over = server.url("/chunked/1.png")
+    records, out, _ = _fetch(tmp_path, [over], IMGDL_VALIDATE_MAX_BYTES=str(len(image) - 1))
+    assert (records[over]["status"], records[over]["reason"]) == ("failed", "too_large")
+    assert f"max_bytes {len(image) - 1}" in str(records[over]["error"])
+    assert not image_files(out)
+
+    kinds = ("chunked", "text", "split", "plain", "wrong")
+    urls = {k: server.url(f"/{k}/1.png") for k in kinds}
+    listing = tmp_path / "hashed.csv"
+    sha = hashlib.sha256(image).hexdigest()
+    rows = [f"{u},sha256:{'0' * 64 if k == 'wrong' else sha}" for k, u in urls.items()]
+    listing.write_text("url,sha\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out2"
+    result = run_cli(
+        "fetch", str(listing), "-o", str(out), "--tries", "1",
+        env=clean_env(IMGDL_INPUT__HASH_COLUMN="sha"),
+    )  # fmt: skip
+    assert "Traceback" not in result.stderr, result.stderr
+    got = {str(r["url"]): r for r in read_manifest(out)}
+    assert got[urls["wrong"]]["reason"] == "hash_mismatch", got[urls["wrong"]]
+    assert got[urls["text"]]["reason"] == "not_an_image", got[urls["text"]]
+    for kind in ("chunked", "split", "plain"):
+        record = got[urls[kind]]
+        assert record["status"] == "saved", record
+        assert record["sha256"] == sha and record["bytes"] == len(image)
+        assert (out / str(record["path"])).read_bytes() == image
