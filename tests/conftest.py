@@ -115,17 +115,35 @@ def run_in_namespace(script: str, *args: str) -> dict[str, Any]:
     return result
 
 
+def crash(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it at once (the parent and every worker),
+    but multiprocessing's resource tracker: a crashed machine's /dev/shm goes with it,
+    and the tracker, left to see its run gone, removes the run's semaphores there
+    (killed too, it left a dozen behind per test run on the machine running the tests)."""
+    from downloader.proctree import descendants
+
+    for found in descendants(pid):
+        try:
+            command = Path(f"/proc/{found}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in command:
+            os.kill(found, signal.SIGKILL)
+
+
+def semaphores() -> set[str]:
+    """multiprocessing's named semaphores in /dev/shm (a run makes a few)."""
+    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
+
+
 def kill_9_when(proc: subprocess.Popen[bytes], condition: Callable[[], bool]) -> None:
     """SIGKILL ``proc`` and every process below it (the workers), at once, when
     ``condition`` holds (or after 30 s): a crash of the whole run, mid-way."""
-    from downloader.proctree import descendants
-
     try:
         deadline = time.monotonic() + 30
         while not condition() and time.monotonic() < deadline:
             time.sleep(0.02)
-        for pid in descendants(proc.pid):  # the parent and every worker, at once
-            os.kill(pid, signal.SIGKILL)
+        crash(proc.pid)
         proc.wait(10)
     finally:
         proc.kill()

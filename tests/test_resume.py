@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -14,15 +13,16 @@ import pytest
 
 from downloader.devserver import DevServer
 from downloader.outcomes import Job, Outcome, Reason
-from downloader.proctree import descendants
 from downloader.report import RunTally, Totals, counts_of, write_records
 from downloader.state import RunState, read_raw
 from tests.conftest import (
+    crash,
     image_files,
     kill_after_requests,
     read_manifest,
     read_summary,
     run_cli,
+    semaphores,
     start_cli,
     wait_for,
     write_list,
@@ -46,6 +46,7 @@ def test_kill_9_then_same_command_finishes_exactly_once(server: DevServer, tmp_p
         "--concurrency",
         "8",
     ]
+    before = semaphores()
     first_requests = kill_after_requests(start_cli(*command), server, 250)
     assert 250 <= first_requests < 600
     saved_by_first = {p.relative_to(out) for p in image_files(out)}
@@ -64,6 +65,8 @@ def test_kill_9_then_same_command_finishes_exactly_once(server: DevServer, tmp_p
         "8",
     )
     assert again.returncode == 0, again.stderr
+    # the crashed run's semaphores do not outlive it (its resource tracker removes them)
+    wait_for(lambda: not semaphores() - before, timeout=10)
     records = read_manifest(out)
     assert len(records) == 600
     assert sorted(r["line"] for r in records) == list(range(1, 601))
@@ -281,8 +284,7 @@ def test_retry_of_failures_killed_then_the_same_command(tmp_path: Path) -> None:
         deadline = time.monotonic() + 30
         while len(server.requests) < 60 and time.monotonic() < deadline:
             time.sleep(0.05)
-        for pid in descendants(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+        crash(proc.pid)
         proc.wait(10)
         assert failures.exists()  # the input of the killed run is still where it was
         again = run_cli(*command)
