@@ -24,6 +24,11 @@ def wants_workers(args: list[str]) -> bool:
 
 
 def main() -> None:
+    # pydantic looks for plugins of its own (entry points) when the first model is
+    # validated: a read of every installed package's metadata, 10-20 ms of the
+    # start-up, for a hook that instruments an application's models, none of which
+    # imgdl has. Set before any import of pydantic, here and in the workers.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     if wants_workers(sys.argv[1:]):
         from downloader import prestart
 
