@@ -372,14 +372,16 @@ class Fetcher:
             dimensions: tuple[int, int] | None = None
             arrived = body.arrived(self.spool_bytes)
             if arrived is not None:  # all in already: the loop's checks, with no waits
-                held, size = arrived, self._capped(body.raw_bytes, status)
+                held = arrived
+                head = b"".join(held)[:CHUNK_BYTES]  # what the loop's first chunk would be
+                self._capped(len(head), status)
+                if len(head) >= sniff_needs(head):  # else after the hash, as the loop does
+                    image = self._sniffed(head, resp, status)
+                size = self._capped(body.raw_bytes, status)
                 for chunk in held:
                     digest.update(chunk)
                 if expected is not None:
                     expected.update(b"".join(held))
-                head = b"".join(held)
-                if len(head) >= sniff_needs(head):  # else after the hash, as the loop does
-                    image = self._sniffed(head, resp, status)
             else:
                 async for chunk in body.chunks():
                     size = self._capped(size + len(chunk), status)

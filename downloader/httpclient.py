@@ -191,9 +191,11 @@ class Response:
         no deadline to watch. None otherwise (read it with ``iter_chunked``)."""
         if not self.complete or self._error is not None or self._buffered > at_most:
             return None
+        if self._paused:  # (only above HIGH_WATER, past any spool size)
+            return None
         chunks = list(self._chunks)
         self._chunks.clear()
-        self._buffered = 0  # below LOW_WATER: reading was not paused
+        self._buffered = 0
         return chunks
 
     def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
@@ -306,6 +308,8 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0  # received while the head is incomplete
         self._reason = b""
         self._raw_headers: list[bytes] = []  # name, value, name, value... as parsed
+        self._lines_checked = 0  # of _raw_headers' items, by _long_line
+        self._trailer_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -333,32 +337,57 @@ class _Connection(asyncio.Protocol):
             if not response.complete:
                 response._fail(ProtocolError(f"malformed response: {exc}"))
             self.close()  # after a complete one: more bytes than it said
-        if not response.head_done and self._head_bytes > MAX_HEAD_BYTES:
-            response._fail(ProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes"))
-            self.close()
+        if response.head_done or response._error is not None:
+            return
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(response, f"response head longer than {MAX_HEAD_BYTES} bytes")
+        elif self._long_line():  # a head that comes in many reads: refused as it comes
+            self._refuse(response, f"a header line longer than {MAX_HEADER_LINE} bytes")
 
     # parser callbacks (httptools): they must not raise
     def on_message_begin(self) -> None:
         self._reason = b""
         self._raw_headers = []
+        self._lines_checked = 0
+        self._trailer_bytes = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Only collected here: the checks run once per head (on_headers_complete), a
-        # few us a response less than a call's worth of checks per header (issue 5).
+        # Only collected here: the checks run once per read and once per head
+        # (data_received, on_headers_complete), a few us a response less than a call's
+        # worth of checks per header (issue 5).
+        response = self.response
+        if response is not None and response.head_done:  # a chunked body's trailer:
+            self._trailer_bytes += len(name) + len(value) + 4  # not kept, only counted
+            if self._trailer_bytes > MAX_HEAD_BYTES:
+                self._refuse(response, f"trailer fields longer than {MAX_HEAD_BYTES} bytes")
+            return
         self._raw_headers += (name, value)
+
+    def _long_line(self) -> bool:
+        """Is a header line parsed since the last look longer than MAX_HEADER_LINE?"""
+        raw = self._raw_headers
+        start, self._lines_checked = self._lines_checked, len(raw) - len(raw) % 2
+        return any(
+            len(raw[i]) + len(raw[i + 1]) > MAX_HEADER_LINE
+            for i in range(start, self._lines_checked, 2)
+        )
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
+        if response._error is not None or response.head_done:  # refused, or a 2nd message
+            self.close()
+            return
         status = self.parser.get_status_code()
         fields = self._head_fields(response)
         if fields is None:  # refused: no head to hand out
             return
         if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
             self._raw_headers = []
+            self._lines_checked = 0
             return
         response.status = status
         response.keep_alive = self.parser.should_keep_alive()  # reset once the message ends
@@ -376,11 +405,9 @@ class _Connection(asyncio.Protocol):
             return []
         joined = b"\0".join(raw)
         content = len(joined) - (len(raw) - 1)  # the bytes of the names and values
-        if content > MAX_HEADER_LINE:  # one of the lines may be too long: each in turn
-            for index in range(0, len(raw), 2):
-                if len(raw[index]) + len(raw[index + 1]) > MAX_HEADER_LINE:
-                    self._refuse(response, f"a header line longer than {MAX_HEADER_LINE} bytes")
-                    return None
+        if content > MAX_HEADER_LINE and self._long_line():  # (else none can be)
+            self._refuse(response, f"a header line longer than {MAX_HEADER_LINE} bytes")
+            return None
         if joined.count(b"\0") != len(raw) - 1:  # a NUL of the server's, not a seam
             name = next(raw[i] for i in range(0, len(raw), 2) if b"\0" in raw[i] + raw[i + 1])
             self._refuse(response, f"a NUL byte in the value of header {name!r}")
@@ -400,7 +427,7 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         response = self.response
-        if response is not None and response.head_done:
+        if response is not None and response.head_done and not response.complete:
             response._body(body)
 
     def on_message_complete(self) -> None:

@@ -566,3 +566,70 @@ def test_a_body_all_in_at_once_gets_every_check_the_streamed_one_gets(
         assert record["status"] == "saved", record
         assert record["sha256"] == sha and record["bytes"] == len(image)
         assert (out / str(record["path"])).read_bytes() == image
+
+
+def test_answers_past_the_one_asked_for_or_after_a_refusal_are_not_read_as_it(
+    scripted: Callable[[Handler], ScriptedServer], tmp_path: Path
+) -> None:
+    """Review of issue 5: a refused head followed in the same read by another answer (a
+    redirect here) fails the request, the other answer is not taken for it; a second
+    whole answer right after the body is not added to it; a header line past the cap is
+    refused as it comes, not once a head that never ends has ended; trailer fields of a
+    chunked body are bounded; a body all in at once is sniffed on its first 64 KiB, as
+    one read in pieces is."""
+    image = SMALL[2]
+    text = b"plain text, not an image at all. " * 3000  # about 100 KB
+
+    async def odd(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, n: int
+    ) -> bool:
+        kind = path.split("/")[1]
+        if kind == "refused-then-redirect":
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n"
+                b"HTTP/1.1 302 Found\r\nLocation: /plain/2.png\r\nContent-Length: 0\r\n\r\n"
+            )
+        elif kind == "two-answers":
+            writer.write(_head(len(image)) + image + _head(5) + b"AFTER")
+        elif kind == "long-line":  # a line past the cap, a next one begun, then nothing
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Long: " + b"v" * 17_000 + b"\r\nX-Next")
+            await writer.drain()
+            await asyncio.sleep(60)
+        elif kind == "trailers":
+            trailer = b"".join(b"X-T%d: %s\r\n" % (i, b"t" * 100) for i in range(1_000))
+            size = f"{len(image):x}\r\n".encode()
+            writer.write(
+                _head(None, "Transfer-Encoding: chunked") + size + image + b"\r\n0\r\n" + trailer
+            )
+            writer.write(b"\r\n")
+        elif kind == "text":
+            size = f"{len(text):x}\r\n".encode()
+            writer.write(_head(None, "Transfer-Encoding: chunked") + size + text + b"\r\n0\r\n\r\n")
+        else:
+            writer.write(_head(len(image)) + image)
+        await writer.drain()
+        return True
+
+    server = scripted(odd)
+    kinds = ("refused-then-redirect", "two-answers", "long-line", "trailers", "text")
+    urls = {k: server.url(f"/{k}/1.png") for k in kinds}
+    records, out, _ = _fetch(
+        tmp_path,
+        list(urls.values()),
+        IMGDL_HTTP__READ_TIMEOUT="60",
+        IMGDL_VALIDATE__MAX_BYTES="70000",
+    )
+    refused = records[urls["refused-then-redirect"]]
+    assert (refused["status"], refused["reason"]) == ("failed", "protocol_error"), refused
+    assert "NUL byte" in str(refused["error"])
+    two = records[urls["two-answers"]]
+    assert two["status"] == "saved" and two["bytes"] == len(image), two
+    assert (out / str(two["path"])).read_bytes() == image
+    long_line = records[urls["long-line"]]
+    assert long_line["reason"] == "protocol_error", long_line
+    assert "header line longer than" in str(long_line["error"])
+    trailers = records[urls["trailers"]]
+    assert trailers["reason"] == "protocol_error", trailers
+    assert "trailer fields longer than" in str(trailers["error"])
+    assert records[urls["text"]]["reason"] == "not_an_image", records[urls["text"]]
+    assert [p.name for p in image_files(out)] == [Path(str(two["path"])).name]
