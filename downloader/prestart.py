@@ -34,8 +34,21 @@ from multiprocessing.context import BaseContext
 #: The start method of the worker processes.
 START_METHOD = "forkserver"
 #: What the server imports before it forks the first worker: all that a worker
-#: runs (a child also runs the ``imgdl`` script, which imports only ``launch``).
-PRELOAD = ["downloader.worker", "downloader.shardrun", "uvloop"]
+#: runs, and what a worker's start imports besides (the pool's queues and process
+#: module when the call arrives, the shared counters and their heap when the context
+#: is unpickled, pkgutil and ``launch`` when the child runs the ``imgdl`` script as
+#: its main module): 22-26 ms from the pool's request to a worker's first request
+#: where it was 26-50 (perf trace, six runs each).
+PRELOAD = [
+    "downloader.worker",
+    "downloader.shardrun",
+    "uvloop",
+    "concurrent.futures.process",
+    "multiprocessing.queues",
+    "multiprocessing.sharedctypes",
+    "pkgutil",
+    "downloader.launch",
+]
 #: The signals that stop a run: the parent's to handle (exit code 128 + the number;
 #: SIGHUP, a closed terminal, unless it was ignored when imgdl started, as by nohup).
 #: Blocked in the server, so in every worker until ``worker.init_worker`` ignores them.
