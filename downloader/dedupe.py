@@ -294,8 +294,9 @@ class Duplicates:
             ],
         )
         self._tick(len(records))
-        for record in records:
-            if (record["input"], record["line"]) not in self._waited_on:
+        waited_on = self._waited_on
+        for record in records if waited_on else ():  # (no line waits: nothing to look up)
+            if (record["input"], record["line"]) not in waited_on:
                 continue
             first = First(
                 record["input"],

@@ -95,6 +95,7 @@ class _Lines:
         self.last_line: dict[str, int] = {}
 
     def __iter__(self) -> Iterator[Job | Outcome | Tick]:
+        done = self._done
         for item in self._items:
             if isinstance(item, Tick):
                 yield item
@@ -103,7 +104,7 @@ class _Lines:
                 continue  # another task's line
             self.count += 1
             self.last_line[item.input] = item.line
-            if (item.input, item.line) in self._done:
+            if done and (item.input, item.line) in done:  # (a first run: none done)
                 again = self._revalidation(item)
                 if again is None:
                     self.carried += 1

@@ -82,6 +82,10 @@ class LineSet:
     def __len__(self) -> int:
         return sum(int.from_bytes(bits, "little").bit_count() for bits in self._bits.values())
 
+    def __bool__(self) -> bool:
+        """Holds any line? (Without counting them, as ``len`` would.)"""
+        return bool(self._bits)
+
 
 def _sha256(path: str, limit: int | None = None) -> str:
     digest = hashlib.sha256()
