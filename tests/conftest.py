@@ -81,12 +81,27 @@ def run_cli(
     )
 
 
+#: ``python -m downloader ARGS`` with the stop signals at their defaults (the
+#: dispositions set here hold across the exec).
+_WITH_DEFAULT_STOP_SIGNALS = """
+import os, signal, sys
+for stop in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+    signal.signal(stop, signal.SIG_DFL)
+os.execv(sys.executable, [sys.executable, "-m", "downloader", *sys.argv[1:]])
+"""
+
+
 def start_cli(
     *args: str, stdin: int = subprocess.DEVNULL, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``imgdl ARGS`` as a real subprocess and return at once (stderr is piped)."""
+    """Start ``imgdl ARGS`` as a real subprocess and return at once (stderr is piped).
+
+    It starts with SIGHUP, SIGINT and SIGTERM at their defaults, as from a terminal,
+    whatever this process has: imgdl keeps a stop signal ignored when it was ignored
+    at its start (as under nohup), and a test run started under nohup made the test
+    of SIGHUP fail."""
     return subprocess.Popen(
-        [sys.executable, "-m", "downloader", *args],
+        [sys.executable, "-c", _WITH_DEFAULT_STOP_SIGNALS, *args],
         stdin=stdin,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
