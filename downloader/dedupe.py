@@ -295,7 +295,9 @@ class Duplicates:
         )
         self._tick(len(records))
         waited_on = self._waited_on
-        for record in records if waited_on else ():  # (no line waits: nothing to look up)
+        if not waited_on:  # no line waits for a first one: nothing to look up
+            return
+        for record in records:
             if (record["input"], record["line"]) not in waited_on:
                 continue
             first = First(

@@ -372,16 +372,16 @@ class Fetcher:
             dimensions: tuple[int, int] | None = None
             arrived = body.arrived(self.spool_bytes)
             if arrived is not None:  # all in already: the loop's checks, with no waits
-                held = arrived
-                head = b"".join(held)[:CHUNK_BYTES]  # what the loop's first chunk would be
+                whole_body = b"".join(arrived)  # (one chunk: that chunk, no copy)
+                held = [whole_body]
+                head = whole_body[:CHUNK_BYTES]  # what the loop's first chunk would be
                 self._capped(len(head), status)
                 if len(head) >= sniff_needs(head):  # else after the hash, as the loop does
                     image = self._sniffed(head, resp, status)
-                size = self._capped(body.raw_bytes, status)
-                for chunk in held:
-                    digest.update(chunk)
+                size = self._capped(len(whole_body), status)
+                digest.update(whole_body)
                 if expected is not None:
-                    expected.update(b"".join(held))
+                    expected.update(whole_body)
             else:
                 async for chunk in body.chunks():
                     size = self._capped(size + len(chunk), status)

@@ -189,9 +189,12 @@ class Response:
         """The whole body, taken at once, if all of it is in already and it is at most
         ``at_most`` bytes (a small image on a fast network nearly always): no wait,
         no deadline to watch. None otherwise (read it with ``iter_chunked``)."""
-        if not self.complete or self._error is not None or self._buffered > at_most:
-            return None
-        if self._paused:  # (only above HIGH_WATER, past any spool size)
+        if (
+            not self.complete
+            or self._error is not None
+            or self._paused  # (only past HIGH_WATER, above any spool size)
+            or self._buffered > at_most
+        ):
             return None
         chunks = list(self._chunks)
         self._chunks.clear()
