@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -144,6 +144,52 @@ def crash(pid: int) -> None:
             continue
         if b"resource_tracker" not in command:
             os.kill(found, signal.SIGKILL)
+
+
+class HeadRead(NamedTuple):
+    """What the builtin client made of an answer's head (``read_head``)."""
+
+    headers: list[tuple[str, str]]  # empty when refused
+    error: Exception | None
+    closed: bool  # the connection
+
+
+def read_head(answer: bytes) -> HeadRead:
+    """Feed ``answer`` to the builtin client's real connection and llhttp parser in one
+    read, over a transport that sends nothing, and read the response's head."""
+    import asyncio
+
+    from downloader.httpclient import HttpClient, Response, _Connection
+    from downloader.netpolicy import NetworkPolicy
+    from downloader.settings import Settings
+
+    class Transport:
+        closed = False
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+    async def scenario() -> HeadRead:
+        client = HttpClient(Settings(), NetworkPolicy())
+        connection = _Connection(client, ("http", "example.test", 80))
+        transport = Transport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        response = Response(connection, client.loop.time() + 5, 5)
+        connection.send(response, b"GET / HTTP/1.1\r\n\r\n")
+        connection.data_received(answer)
+        try:
+            await response._read_head()
+        except Exception as exc:
+            return HeadRead([], exc, transport.closed)
+        return HeadRead(list(response.headers.items()), None, transport.closed)
+
+    return asyncio.run(scenario())
 
 
 def semaphores() -> set[str]:

@@ -24,6 +24,7 @@ from downloader.devserver import DevServer
 from tests.conftest import (
     clean_env,
     image_files,
+    read_head,
     read_manifest,
     run_cli,
     run_in_namespace,
@@ -287,36 +288,12 @@ def test_stalled_cut_and_oversized_answers_get_their_reasons(
 def test_a_huge_head_in_a_single_read_is_refused() -> None:
     """The head cap holds also when the whole head arrives in one read (the parser then
     completes it before the client could count the bytes still waiting)."""
-    from downloader.httpclient import HttpClient, Response, _Connection
     from downloader.httperrors import ProtocolError
-    from downloader.netpolicy import NetworkPolicy
-    from downloader.settings import Settings
 
-    class Transport:
-        closed = False
-
-        def write(self, data: bytes) -> None:
-            pass
-
-        def close(self) -> None:
-            self.closed = True
-
-        def is_closing(self) -> bool:
-            return self.closed
-
-    async def scenario() -> bool:
-        client = HttpClient(Settings(), NetworkPolicy())
-        connection = _Connection(client, ("http", "example.test", 80))
-        transport = Transport()
-        connection.connection_made(transport)  # type: ignore[arg-type]
-        response = Response(connection, client.loop.time() + 5, 5)
-        connection.send(response, b"GET / HTTP/1.1\r\n\r\n")
-        connection.data_received(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 20_000 + b"\r\n")
-        with pytest.raises(ProtocolError, match="response head longer than"):
-            await response._read_head()
-        return transport.closed
-
-    assert asyncio.run(scenario())
+    read = read_head(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 20_000 + b"\r\n")
+    assert isinstance(read.error, ProtocolError), read.error
+    assert "response head longer than" in str(read.error)
+    assert read.closed
 
 
 def test_idle_connections_and_dns_answers_stay_bounded_over_many_hosts(

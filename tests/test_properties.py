@@ -21,6 +21,7 @@ from downloader.netpolicy import NetworkPolicy, parse_host
 from downloader.outcomes import Job
 from downloader.sources import InvalidUrl, check_url
 from downloader.storage import safe_relpath, stem_for
+from tests.conftest import read_head
 
 ROOT = Path(tempfile.gettempdir()) / "imgdl-property-root"
 
@@ -230,38 +231,9 @@ header_value = st.one_of(
 def _head_as_parsed(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[str, str]], str | None]:
     """What the client's response holds for these header lines: the fields, or the
     refusal; the head is fed through the real connection and its llhttp parser."""
-    import asyncio
-
-    from downloader.httpclient import HttpClient, Response, _Connection
-    from downloader.settings import Settings
-
-    class Transport:
-        closed = False
-
-        def write(self, data: bytes) -> None:
-            pass
-
-        def close(self) -> None:
-            self.closed = True
-
-        def is_closing(self) -> bool:
-            return self.closed
-
-    async def scenario() -> tuple[list[tuple[str, str]], str | None]:
-        client = HttpClient(Settings(), NetworkPolicy())
-        connection = _Connection(client, ("http", "example.test", 80))
-        connection.connection_made(Transport())  # type: ignore[arg-type]
-        response = Response(connection, client.loop.time() + 5, 5)
-        connection.send(response, b"GET / HTTP/1.1\r\n\r\n")
-        lines = b"".join(name + b": " + value + b"\r\n" for name, value in raw)
-        connection.data_received(b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 0\r\n\r\n")
-        try:
-            await response._read_head()
-        except Exception as exc:
-            return [], str(exc)
-        return list(response.headers.items()), None
-
-    return asyncio.run(scenario())
+    lines = b"".join(name + b": " + value + b"\r\n" for name, value in raw)
+    read = read_head(b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 0\r\n\r\n")
+    return read.headers, str(read.error) if read.error is not None else None
 
 
 @given(st.lists(st.tuples(header_name, header_value), max_size=8))
