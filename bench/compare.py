@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import csv
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -156,38 +157,72 @@ def ensure_img2dataset() -> str | None:
     return f"pip install img2dataset failed: {made.stderr[-300:]!r}"
 
 
-def verify(out: Path, digests: set[str]) -> int:
-    """How many distinct corpus images are in ``out`` with exactly the corpus bytes."""
+@dataclasses.dataclass
+class OnDisk:
+    """The files of a row's output folder that passed the check, and when each was
+    finished: its inode's change time, which the last write or link sets and a tool
+    cannot set back (wget2 copies the server's Last-Modified into the mtime)."""
+
+    count: int = 0
+    finished: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, path: str) -> None:
+        self.count += 1
+        self.finished.append(os.stat(path).st_ctime)
+
+
+def verify(out: Path, digests: set[str]) -> OnDisk:
+    """The distinct corpus images in ``out`` with exactly the corpus bytes."""
     found: set[str] = set()
+    on_disk = OnDisk()
     for folder, dirs, files in os.walk(out):
         dirs[:] = [name for name in dirs if name != ".imgdl"]
         for name in files:
-            with open(os.path.join(folder, name), "rb") as handle:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
                 digest = hashlib.sha1(handle.read()).hexdigest()
-            if digest in digests:
+            if digest in digests and digest not in found:
                 found.add(digest)
-    return len(found)
+                on_disk.add(path)
+    return on_disk
 
 
-def verify_resized(out: Path, size: int = RESIZE_SIZE) -> int:
-    """How many image files in ``out`` decode fully as JPEG with their smaller side
+def verify_resized(out: Path, size: int = RESIZE_SIZE) -> OnDisk:
+    """The image files in ``out`` that decode fully as JPEG with their smaller side
     ``size`` (keep_ratio; the corpus images are all smaller, so all are scaled)."""
     from PIL import Image
 
-    good = 0
+    on_disk = OnDisk()
     for folder, dirs, files in os.walk(out):
         dirs[:] = [name for name in dirs if name != ".imgdl"]
         for name in files:
             if not name.endswith((".jpg", ".jpeg")):
                 continue
+            path = os.path.join(folder, name)
             try:
-                with Image.open(os.path.join(folder, name)) as img:
+                with Image.open(path) as img:
                     img.load()
                     if img.format == "JPEG" and min(img.size) == size:
-                        good += 1
+                        on_disk.add(path)
             except OSError:
                 continue
-    return good
+    return on_disk
+
+
+def timeline(finished: list[float], started_epoch: float) -> tuple[float | None, int | None]:
+    """Seconds from the start to the first finished image, and the rate between the
+    10th and the 90th percentile of finish times: the speed once a tool is running,
+    its start-up and its last stragglers left out (a 20,000-image run lasts a few
+    seconds, of which start-up can be a tenth)."""
+    if not finished:
+        return None, None
+    times = sorted(finished)
+    first = round(times[0] - started_epoch, 2)
+    low, high = len(times) // 10, len(times) * 9 // 10
+    span = times[high] - times[low]
+    if high - low < 10 or span <= 0:
+        return first, None
+    return first, round((high - low) / span)
 
 
 def ceiling(server: Nginx, names: list[str], work: Path, in_flight: int) -> dict[str, object]:
@@ -265,8 +300,10 @@ def run_row(
     out.mkdir(parents=True)
     env = {**os.environ, **ALLOW_LOOPBACK}
     result = measure.run(command, env)
-    verified = verify_resized(out) if name in RESIZE_ROWS else verify(out, digests)
+    on_disk = verify_resized(out) if name in RESIZE_ROWS else verify(out, digests)
+    verified = on_disk.count
     count = len(digests)
+    first, steady = timeline(on_disk.finished, result.started_epoch)
     row: dict[str, object] = {
         "row": name,
         "exit": result.returncode,
@@ -276,6 +313,8 @@ def run_row(
         "peak_rss_mib": round(result.tree_peak_kib / 1024),
         "verified": verified,
         "ok": verified == count,
+        "first_image_s": first,
+        "steady_images_per_s": steady,
     }
     if verified != count:
         row["error"] = f"{count - verified} of {count} images missing or wrong"
@@ -325,8 +364,11 @@ def table(results: dict[str, object]) -> str:
             f"Each row ran {rounds} times, in rounds; the table gives its median run "
             "(the last column: images/s of every run, in order)."
         )
-    head = "| row | images/s | CPU s / 1,000 images | peak RSS (tree) | verified on disk | wall |"
-    rule = "| --- | ---: | ---: | ---: | ---: | ---: |"
+    head = (
+        "| row | images/s | CPU s / 1,000 images | peak RSS (tree) | verified on disk | wall "
+        "| first image | steady images/s |"
+    )
+    rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     lines += ["", head + (" runs |" if rounds > 1 else ""), rule + (" --- |" if rounds > 1 else "")]
     rows = results["rows"]
     assert isinstance(rows, list)
@@ -340,13 +382,19 @@ def table(results: dict[str, object]) -> str:
                 else f" round {row.get('round')} |"
             )
         if "skipped" in row:
-            lines.append(f"| {row['row']} | — | — | — | not run: {row['skipped']} | — |{runs_cell}")
+            lines.append(
+                f"| {row['row']} | — | — | — | not run: {row['skipped']} | — | — | — |{runs_cell}"
+            )
             continue
         verified = f"{row['verified']:,}" + ("" if row["ok"] else f" (FAILED: {row['error']})")
         rate_cell = f"{row['images_per_s']:,}" if row["ok"] else "—"
+        first, steady = row.get("first_image_s"), row.get("steady_images_per_s")
+        first_cell = f"{first:.2f} s" if isinstance(first, float | int) else "—"
+        steady_cell = f"{steady:,}" if isinstance(steady, int) and row["ok"] else "—"
         lines.append(
             f"| {row['row']} | {rate_cell} | {row['cpu_s_per_1000']:.2f} | "
-            f"{row['peak_rss_mib']} MiB | {verified} | {row['wall_s']:.1f} s |{runs_cell}"
+            f"{row['peak_rss_mib']} MiB | {verified} | {row['wall_s']:.1f} s | {first_cell} | "
+            f"{steady_cell} |{runs_cell}"
         )
     return "\n".join(lines) + "\n"
 

@@ -31,10 +31,13 @@ class Measurement:
     peaks_kib: dict[int, int]
     root: int
     stderr: str
+    #: when the command was started, on the wall clock (file times are on it)
+    started_epoch: float = 0.0
 
 
 def run(command: Sequence[str], env: Mapping[str, str] | None = None) -> Measurement:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started_epoch = time.time()
     started = time.monotonic()
     process = subprocess.Popen(
         list(command),
@@ -73,4 +76,5 @@ def run(command: Sequence[str], env: Mapping[str, str] | None = None) -> Measure
         peaks_kib=peaks,
         root=process.pid,
         stderr=stderr.decode(errors="replace"),
+        started_epoch=started_epoch,
     )
