@@ -610,3 +610,57 @@ def test_answers_past_the_one_asked_for_or_after_a_refusal_are_not_read_as_it(
     assert "trailer fields longer than" in str(trailers["error"])
     assert records[urls["text"]]["reason"] == "not_an_image", records[urls["text"]]
     assert [p.name for p in image_files(out)] == [Path(str(two["path"])).name]
+
+
+def test_the_requests_of_one_loop_turn_go_out_together_at_its_end() -> None:
+    """Written the moment each download asked, every request woke a server that had just
+    gone back to sleep (issue 5: nginx slept 14,500-15,300 times for 20,000 requests);
+    the requests of one turn of the event loop are written together once it ends, in
+    the order asked, and a connection closed before then gets nothing written."""
+    from downloader.httpclient import HttpClient, Response, _Connection
+    from downloader.netpolicy import NetworkPolicy
+    from downloader.settings import Settings
+
+    written: list[tuple[int, bytes]] = []
+
+    class Transport:
+        def __init__(self, number: int) -> None:
+            self.number = number
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            written.append((self.number, data))
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+    async def scenario() -> None:
+        client = HttpClient(Settings(), NetworkPolicy())
+        connections = []
+        for number in range(3):
+            connection = _Connection(client, ("http", "example.test", 80))
+            connection.connection_made(Transport(number))  # type: ignore[arg-type]
+            connections.append(connection)
+
+        def ask(number: int) -> None:
+            connection = connections[number]
+            connection.send(Response(connection, client.loop.time() + 5, 5), b"GET /%d" % number)
+
+        for number in (2, 0, 1):
+            ask(number)
+        assert written == []  # nothing yet: the turn is not over
+        await asyncio.sleep(0)  # the turn ends
+        assert written == [(2, b"GET /2"), (0, b"GET /0"), (1, b"GET /1")]
+
+        ask(0)
+        ask(1)
+        connections[1].close()  # given up (a cancelled download) before the turn ended
+        await asyncio.sleep(0)
+        assert written[3:] == [(0, b"GET /0")]
+        await asyncio.sleep(0)
+        assert written[3:] == [(0, b"GET /0")]  # and nothing later either
+
+    asyncio.run(scenario())
