@@ -154,6 +154,25 @@ class HeadRead(NamedTuple):
     closed: bool  # the connection
 
 
+class FakeTransport:
+    """A transport for the builtin client's connection that sends nothing: what is
+    written goes to ``log`` (a list several transports may share), tagged ``label``."""
+
+    def __init__(self, log: list[tuple[object, bytes]] | None = None, label: object = None):
+        self.log = [] if log is None else log
+        self.label = label
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.log.append((self.label, data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
 def read_head(answer: bytes) -> HeadRead:
     """Feed ``answer`` to the builtin client's real connection and llhttp parser in one
     read, over a transport that sends nothing, and read the response's head."""
@@ -163,22 +182,10 @@ def read_head(answer: bytes) -> HeadRead:
     from downloader.netpolicy import NetworkPolicy
     from downloader.settings import Settings
 
-    class Transport:
-        closed = False
-
-        def write(self, data: bytes) -> None:
-            pass
-
-        def close(self) -> None:
-            self.closed = True
-
-        def is_closing(self) -> bool:
-            return self.closed
-
     async def scenario() -> HeadRead:
         client = HttpClient(Settings(), NetworkPolicy())
         connection = _Connection(client, ("http", "example.test", 80))
-        transport = Transport()
+        transport = FakeTransport()
         connection.connection_made(transport)  # type: ignore[arg-type]
         response = Response(connection, client.loop.time() + 5, 5)
         connection.send(response, b"GET / HTTP/1.1\r\n\r\n")

@@ -22,6 +22,7 @@ from PIL import Image
 
 from downloader.devserver import DevServer
 from tests.conftest import (
+    FakeTransport,
     clean_env,
     image_files,
     read_head,
@@ -621,28 +622,14 @@ def test_the_requests_of_one_loop_turn_go_out_together_at_its_end() -> None:
     from downloader.netpolicy import NetworkPolicy
     from downloader.settings import Settings
 
-    written: list[tuple[int, bytes]] = []
-
-    class Transport:
-        def __init__(self, number: int) -> None:
-            self.number = number
-            self.closed = False
-
-        def write(self, data: bytes) -> None:
-            written.append((self.number, data))
-
-        def close(self) -> None:
-            self.closed = True
-
-        def is_closing(self) -> bool:
-            return self.closed
+    written: list[tuple[object, bytes]] = []
 
     async def scenario() -> None:
         client = HttpClient(Settings(), NetworkPolicy())
         connections = []
         for number in range(3):
             connection = _Connection(client, ("http", "example.test", 80))
-            connection.connection_made(Transport(number))  # type: ignore[arg-type]
+            connection.connection_made(FakeTransport(written, number))  # type: ignore[arg-type]
             connections.append(connection)
 
         def ask(number: int) -> None:
