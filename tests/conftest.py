@@ -188,7 +188,7 @@ def read_head(answer: bytes) -> HeadRead:
         transport = FakeTransport()
         connection.connection_made(transport)  # type: ignore[arg-type]
         response = Response(connection, client.loop.time() + 5, 5)
-        connection.send(response, b"GET / HTTP/1.1\r\n\r\n")
+        connection.ask(response, b"GET / HTTP/1.1\r\n\r\n")
         connection.data_received(answer)
         try:
             await response._read_head()

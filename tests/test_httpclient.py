@@ -613,12 +613,18 @@ def test_answers_past_the_one_asked_for_or_after_a_refusal_are_not_read_as_it(
     assert [p.name for p in image_files(out)] == [Path(str(two["path"])).name]
 
 
-def test_the_requests_of_one_loop_turn_go_out_together_at_its_end() -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_requests_of_one_loop_turn_go_out_together_at_its_end(loop: str) -> None:
     """Written the moment each download asked, every request woke a server that had just
     gone back to sleep (issue 5: nginx slept 14,500-15,300 times for 20,000 requests);
     the requests of one turn of the event loop are written together once it ends, in
-    the order asked, and a connection closed before then gets nothing written."""
-    from downloader.httpclient import HttpClient, Response, _Connection
+    the order asked, or as soon as the first has waited HOLD_SECONDS; a connection
+    closed before then gets nothing written. Under both loops: workers run uvloop."""
+    import time
+
+    import uvloop
+
+    from downloader.httpclient import HOLD_SECONDS, HttpClient, Response, _Connection
     from downloader.netpolicy import NetworkPolicy
     from downloader.settings import Settings
 
@@ -634,7 +640,7 @@ def test_the_requests_of_one_loop_turn_go_out_together_at_its_end() -> None:
 
         def ask(number: int) -> None:
             connection = connections[number]
-            connection.send(Response(connection, client.loop.time() + 5, 5), b"GET /%d" % number)
+            connection.ask(Response(connection, client.loop.time() + 5, 5), b"GET /%d" % number)
 
         for number in (2, 0, 1):
             ask(number)
@@ -644,10 +650,20 @@ def test_the_requests_of_one_loop_turn_go_out_together_at_its_end() -> None:
 
         ask(0)
         ask(1)
-        connections[1].close()  # given up (a cancelled download) before the turn ended
+        connections[1].close()  # lost, or past its deadline, before the turn ended
         await asyncio.sleep(0)
         assert written[3:] == [(0, b"GET /0")]
         await asyncio.sleep(0)
         assert written[3:] == [(0, b"GET /0")]  # and nothing later either
 
-    asyncio.run(scenario())
+        ask(2)
+        time.sleep(HOLD_SECONDS * 1.5)  # a long turn: the first request has waited enough
+        ask(0)
+        assert written[4:] == [(2, b"GET /2"), (0, b"GET /0")]  # out before the turn ends
+        await asyncio.sleep(0)
+        assert written[4:] == [(2, b"GET /2"), (0, b"GET /0")]  # once
+
+    if loop == "uvloop":
+        uvloop.run(scenario())
+    else:
+        asyncio.run(scenario())
