@@ -470,11 +470,29 @@ def _at_least_one(text: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=20_000)
-    parser.add_argument("--in-flight", type=int, default=64)
-    parser.add_argument("--rows", default=",".join([*ROWS, DISK_ROW]))
-    parser.add_argument("--work", type=Path, default=Path("/dev/shm/imgdl-bench"))
-    parser.add_argument("--disk", type=Path, default=Path("/var/tmp/imgdl-bench-disk"))
+    parser.add_argument(
+        "--count", type=int, default=20_000, help="images in the list (default 20,000)"
+    )
+    parser.add_argument(
+        "--in-flight", type=int, default=64, help="downloads at once for the other tools"
+    )
+    parser.add_argument(
+        "--rows",
+        default=",".join([*ROWS, DISK_ROW]),
+        help=f"the rows to run, comma-separated (default all: {','.join([*ROWS, DISK_ROW])})",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/dev/shm/imgdl-bench"),
+        help="corpus, URL lists and outputs, on a tmpfs (default /dev/shm/imgdl-bench)",
+    )
+    parser.add_argument(
+        "--disk",
+        type=Path,
+        default=Path("/var/tmp/imgdl-bench-disk"),
+        help="the output folder of the imgdl-disk row (default /var/tmp/imgdl-bench-disk)",
+    )
     parser.add_argument(
         "--rounds",
         type=_at_least_one,
