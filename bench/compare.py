@@ -496,10 +496,10 @@ def main() -> int:
     parser.add_argument(
         "--rounds",
         type=_at_least_one,
-        default=3,
+        default=5,
         help="run every row this many times, in rounds (each round starting at another "
         "row); the table gives each row's median run, the slower of the middle two for "
-        "an even number (default 3)",
+        "an even number (default 5)",
     )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the wrk run")
