@@ -338,6 +338,14 @@ def machine() -> dict[str, str]:
     }
 
 
+def ceiling_text(results: dict[str, object]) -> str:
+    """The ceiling's rate, or why it was not measured (not wrk's whole output)."""
+    ceiling_info = results["ceiling"]
+    assert isinstance(ceiling_info, dict)
+    rate = ceiling_info.get("requests_per_s")
+    return f"{rate:,.0f} requests/s" if rate else f"not measured: {ceiling_info.get('error')}"
+
+
 def table(results: dict[str, object]) -> str:
     info = results["machine"]
     assert isinstance(info, dict)
@@ -348,16 +356,12 @@ def table(results: dict[str, object]) -> str:
         f"{results['server']}, output on tmpfs. `{results['command']}`",
         "",
     ]
-    ceiling_info = results["ceiling"]
-    assert isinstance(ceiling_info, dict)
-    rate = ceiling_info.get("requests_per_s")
     lines.append(
-        f"Ceiling (wrk -t1 -c{results['in_flight']}, 5 s, same files): "
-        + (f"{rate:,.0f} requests/s." if rate else f"not measured: {ceiling_info.get('error')}.")
+        f"Ceiling (wrk -t1 -c{results['in_flight']}, 5 s, same files): {ceiling_text(results)}."
     )
     start = results.get("startup_s")
     if start is not None:
-        lines.append(f"imgdl start-up to first request on the full list: {start:.2f} s.")
+        lines.append(f"imgdl start-up to first request on this run's list: {start:.2f} s.")
     rounds = int(str(results.get("rounds", 1)))
     if rounds > 1:
         lines.append(
@@ -389,7 +393,7 @@ def table(results: dict[str, object]) -> str:
         verified = f"{row['verified']:,}" + ("" if row["ok"] else f" (FAILED: {row['error']})")
         rate_cell = f"{row['images_per_s']:,}" if row["ok"] else "—"
         first, steady = row.get("first_image_s"), row.get("steady_images_per_s")
-        first_cell = f"{first:.2f} s" if isinstance(first, float | int) else "—"
+        first_cell = f"{first:.2f} s" if isinstance(first, float | int) and row["ok"] else "—"
         steady_cell = f"{steady:,}" if isinstance(steady, int) and row["ok"] else "—"
         lines.append(
             f"| {row['row']} | {rate_cell} | {row['cpu_s_per_1000']:.2f} | "
@@ -553,7 +557,7 @@ def main() -> int:
             if args.no_ceiling
             else ceiling(server, names, work, args.in_flight)
         )
-        print(f"ceiling: {results['ceiling']}"[:200], flush=True)
+        print(f"ceiling: {ceiling_text(results)}", flush=True)
         runs: dict[str, list[dict[str, object]]] = {name: [] for name in wanted}
         starts: list[float] = []
         for round_index in range(args.rounds):
