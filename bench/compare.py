@@ -247,7 +247,7 @@ def ceiling(server: Nginx, names: list[str], work: Path, in_flight: int) -> dict
 
 
 def startup(listing_lines: int, work: Path) -> float | None:
-    """Seconds from starting imgdl on the full list to its first connection (a listener here)."""
+    """Seconds from starting imgdl on the run's list to its first connection (a listener here)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(256)
