@@ -163,11 +163,13 @@ class OnDisk:
     finished: its inode's change time, which the last write or link sets and a tool
     cannot set back (wget2 copies the server's Last-Modified into the mtime)."""
 
-    count: int = 0
     finished: list[float] = dataclasses.field(default_factory=list)
 
+    @property
+    def count(self) -> int:
+        return len(self.finished)
+
     def add(self, path: str) -> None:
-        self.count += 1
         self.finished.append(os.stat(path).st_ctime)
 
 
@@ -474,6 +476,7 @@ def _at_least_one(text: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    every_row = ",".join([*ROWS, DISK_ROW])
     parser.add_argument(
         "--count", type=int, default=20_000, help="images in the list (default 20,000)"
     )
@@ -482,8 +485,8 @@ def main() -> int:
     )
     parser.add_argument(
         "--rows",
-        default=",".join([*ROWS, DISK_ROW]),
-        help=f"the rows to run, comma-separated (default all: {','.join([*ROWS, DISK_ROW])})",
+        default=every_row,
+        help=f"the rows to run, comma-separated (default all: {every_row})",
     )
     parser.add_argument(
         "--work",

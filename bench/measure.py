@@ -32,7 +32,7 @@ class Measurement:
     root: int
     stderr: str
     #: when the command was started, on the wall clock (file times are on it)
-    started_epoch: float = 0.0
+    started_epoch: float
 
 
 def run(command: Sequence[str], env: Mapping[str, str] | None = None) -> Measurement:
